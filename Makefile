@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv test lint format demo demo-quick agent-binary bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python demo/run_demo.py
+
+# Build one self-contained agent executable: make agent-binary VERSION=0.1.44 OUT=dist/avika-agent [PUBLIC_KEYS=k1,k2]
+agent-binary: $(STAMP)
+	@test -n "$(VERSION)" || { echo "usage: make agent-binary VERSION=V OUT=FILE [PUBLIC_KEYS=k1,k2]" >&2; exit 2; }
+	@test -n "$(OUT)" || { echo "usage: make agent-binary VERSION=V OUT=FILE [PUBLIC_KEYS=k1,k2]" >&2; exit 2; }
+	$(BIN)/python packaging/build_agent.py --version "$(VERSION)" --out "$(OUT)" --public-keys "$(PUBLIC_KEYS)"
+
+clean:
+	rm -rf build dist demo-run .pytest_cache .ruff_cache
