@@ -279,15 +279,15 @@ def from_values(values: Mapping[str, str], source: str = "") -> AgentConfig:
     return AgentConfig(**kw)  # type: ignore[arg-type]
 
 
-def load(
+def read_values(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
-) -> AgentConfig:
-    """Read the file (``path`` None = the default path, which may be missing) and the environment."""
+) -> dict[str, str]:
+    """Raw settings: the file (``path`` None = the default path, which may be missing), then the
+    environment over it. Nothing is validated here except the file's syntax."""
     environ = os.environ if environ is None else environ
     explicit = path is not None
     path = DEFAULT_CONFIG_PATH if path is None else path
-    values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -302,7 +302,16 @@ def load(
     for key in KEYS:
         if key in environ:
             values[key] = environ[key]
-    return from_values(values, source=str(path))
+    return values
+
+
+def load(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Read the file (``path`` None = the default path, which may be missing) and the environment."""
+    values = read_values(path, environ)
+    return from_values(values, source=str(DEFAULT_CONFIG_PATH if path is None else path))
 
 
 def resolve_agent_id(config: AgentConfig, hostname: str | None = None) -> str:

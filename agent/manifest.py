@@ -286,14 +286,8 @@ def _strict_loads(data: bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def verify_envelope(data: bytes, trusted: Sequence[PublicKey], threshold: int = 1) -> bytes:
-    """Check size, shape, type and signatures; return the payload bytes that they cover.
-
-    Signatures are counted by distinct trusted key, never by entries, and ``keyid`` is only a
-    hint: a signature counts for whichever trusted key verifies it.
-    """
-    if threshold < 1:
-        raise ValueError("threshold must be at least 1")
+def _open_envelope(data: bytes) -> tuple[bytes, list[tuple[str | None, bytes]]]:
+    """Size, shape and ``payloadType`` checks: the payload and (keyid hint, signature) pairs."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise TooLarge(f"envelope is {len(data)} bytes, the limit is {MAX_ENVELOPE_BYTES}")
     try:
@@ -327,8 +321,27 @@ def verify_envelope(data: bytes, trusted: Sequence[PublicKey], threshold: int = 
             raise MalformedEnvelope(f"signature {i} 'sig' is not base64") from None
     if payload_type != PAYLOAD_TYPE:
         raise WrongPayloadType(f"payloadType is {payload_type!r}, expected {PAYLOAD_TYPE!r}")
+    return payload, decoded
 
-    message = pae(payload_type, payload)
+
+def read_envelope_unverified(data: bytes) -> bytes:
+    """The payload of a well-formed envelope, WITHOUT checking any signature.
+
+    For display only (``avika-publish show``); nothing may trust what this returns.
+    """
+    return _open_envelope(data)[0]
+
+
+def verify_envelope(data: bytes, trusted: Sequence[PublicKey], threshold: int = 1) -> bytes:
+    """Check size, shape, type and signatures; return the payload bytes that they cover.
+
+    Signatures are counted by distinct trusted key, never by entries, and ``keyid`` is only a
+    hint: a signature counts for whichever trusted key verifies it.
+    """
+    if threshold < 1:
+        raise ValueError("threshold must be at least 1")
+    payload, decoded = _open_envelope(data)
+    message = pae(PAYLOAD_TYPE, payload)
     verified: set[bytes] = set()
     for hint, sig in decoded:
         # Try the hinted key first (cheap), then every other trusted key.
@@ -350,9 +363,10 @@ def parse_version(text: str) -> Version:
     """PEP 440 version; a leading ``v`` (a git tag) is ignored. ``InvalidVersion`` otherwise."""
     if not isinstance(text, str):
         raise InvalidVersion(f"version {text!r} is not a string")
-    stripped = text.strip()
-    if stripped[:1] in ("v", "V"):
-        stripped = stripped[1:]
+    # Stricter than packaging, which also takes spaces and "vv1.0": a Go agent must agree.
+    stripped = text[1:] if text[:1] in ("v", "V") else text
+    if not re.fullmatch(r"[0-9][0-9A-Za-z.!+_-]*", stripped):
+        raise InvalidVersion(f"{text!r} is not a version")
     return Version(stripped)
 
 
@@ -504,12 +518,12 @@ def parse_manifest(payload: bytes) -> Manifest:
     binaries: dict[str, Binary] = {}
     for platform, entry in raw_binaries.items():
         where = f"binaries[{platform!r}]: "
-        if not _PLATFORM_RE.match(platform):
+        if not _PLATFORM_RE.fullmatch(platform):
             raise MalformedManifest(f"binary platform {platform!r} is not a platform name")
         if not isinstance(entry, dict):
             raise MalformedManifest(f"{where}entry is not an object")
         sha256 = _field(entry, "sha256", str, where)
-        if not _SHA256_RE.match(sha256):
+        if not _SHA256_RE.fullmatch(sha256):
             raise MalformedManifest(f"{where}sha256 {sha256!r} is not 64 lowercase hex digits")
         size = _int_in(_field(entry, "size", int, where), f"{platform}.size", 1, MAX_INT)
         binaries[platform] = Binary(url=_field(entry, "url", str, where), sha256=sha256, size=size)
@@ -569,7 +583,8 @@ def check_rules(
 ) -> None:
     """The rules after parsing, in the contract's order. ``platform`` None = container agent."""
     if manifest.expires <= now - CLOCK_SLACK:
-        raise Expired(f"manifest serial {manifest.serial} expired at {format_time(manifest.expires)}")
+        # isoformat, not format_time: an instant near year 1 cannot always be shifted to UTC.
+        raise Expired(f"manifest serial {manifest.serial} expired at {manifest.expires.isoformat()}")
     if trust.highest_serial is not None:
         if manifest.serial < trust.highest_serial:
             raise SerialRollback(

@@ -1,0 +1,242 @@
+"""Durable agent state and the single-update lock (DESIGN section 4).
+
+- writes are atomic: temp file in the same directory + fsync + ``os.replace``; no temp file is
+  left behind, and a failed write leaves the old file whole;
+- a missing ``state.json`` means defaults; a corrupt one is set aside (renamed, bytes kept),
+  replaced by defaults and flagged in ``corrupt`` so start-up never blocks;
+- only one update runs at a time: a second holder, in another process, gets ``LockBusy``; the
+  lock is released when its context ends (or its process dies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from agent import state as state_mod
+from agent.state import (
+    LOCK_FILE,
+    STATE_FILE,
+    AgentState,
+    LockBusy,
+    load_state,
+    save_state,
+    update_lock,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+# A child process that takes the lock, says so, and holds it until its stdin closes.
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from agent.state import LockBusy, update_lock
+    try:
+        with update_lock(Path(sys.argv[1])):
+            print("held", flush=True)
+            sys.stdin.read()
+    except LockBusy:
+        print("busy", flush=True)
+    """
+)
+
+
+def start_holder(state_dir: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(state_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    return child
+
+
+def holder_line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    return child.stdout.readline().strip()
+
+
+def release(child: subprocess.Popen[str]) -> None:
+    assert child.stdin is not None
+    child.stdin.close()
+    assert child.wait(timeout=10) == 0
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_an_atomic_write_leaves_only_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "state.json"
+    write_json_atomic(target, {"b": 1, "a": [1, 2]})
+    write_json_atomic(target, {"b": 2})
+    assert json.loads(target.read_text()) == {"b": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]
+
+
+def test_an_atomic_write_replaces_the_whole_content(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    write_bytes_atomic(target, b"x" * 1000)
+    write_bytes_atomic(target, b"short")
+    assert target.read_bytes() == b"short"
+
+
+def test_a_failed_replace_keeps_the_old_file_and_removes_the_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(state_mod.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_an_atomic_write_sets_the_requested_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "secret", b"k", mode=0o600)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------- state.json
+
+
+def test_a_missing_state_file_means_defaults(tmp_path: Path) -> None:
+    assert load_state(tmp_path / "never-created") == AgentState()
+    assert not (tmp_path / "never-created").exists()
+
+
+def test_state_round_trips(tmp_path: Path) -> None:
+    saved = AgentState(
+        highest_serial=42,
+        highest_digest="d" * 64,
+        last_check="2026-03-01T12:00:00Z",
+        last_result="none",
+        last_error={"code": "expired", "message": "m", "state": "checking"},
+        bad_versions=[{"version": "0.1.44", "sha256": "a" * 64, "reason": "too_many_boots"}],
+        attempts={"0.1.44": {"failures": 2}},
+    )
+    save_state(tmp_path, saved)
+    assert load_state(tmp_path) == saved
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
+
+
+def test_unknown_fields_in_state_are_ignored(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text(json.dumps({"highest_serial": 7, "written_by": "go-agent 0.3"}))
+    assert load_state(tmp_path) == AgentState(highest_serial=7)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"{not json", id="not JSON"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"highest_serial": 4', id="truncated"),
+        pytest.param(b"[1, 2]", id="a list"),
+        pytest.param(b"\xff\xfe", id="not UTF-8"),
+    ],
+)
+def test_a_corrupt_state_file_is_set_aside_and_defaults_used(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / STATE_FILE).write_bytes(content)
+    loaded = load_state(tmp_path)
+    assert not (tmp_path / STATE_FILE).exists()
+    assert loaded.corrupt is not None
+    aside = Path(loaded.corrupt)
+    assert aside.parent == tmp_path
+    assert aside.name.startswith(f"{STATE_FILE}.corrupt.")
+    assert aside.read_bytes() == content
+    assert asdict(loaded) == {**asdict(AgentState()), "corrupt": loaded.corrupt}
+
+
+def test_after_a_corrupt_state_the_next_save_starts_fresh(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b"garbage")
+    loaded = load_state(tmp_path)
+    loaded.highest_serial = 3
+    save_state(tmp_path, loaded)
+    again = load_state(tmp_path)
+    assert again.highest_serial == 3
+    assert {p.name for p in tmp_path.iterdir()} == {STATE_FILE, Path(str(loaded.corrupt)).name}
+    assert Path(str(loaded.corrupt)).read_bytes() == b"garbage"
+
+
+# ---------------------------------------------------------------- the update lock
+
+
+def test_a_second_holder_in_another_process_gets_lock_busy(tmp_path: Path) -> None:
+    child = start_holder(tmp_path)
+    try:
+        assert holder_line(child) == "held"
+        with pytest.raises(LockBusy) as caught, update_lock(tmp_path):
+            pytest.fail("the lock was granted twice")
+        assert caught.value.code == "update_in_progress"
+        assert str(tmp_path / LOCK_FILE) in str(caught.value)
+    finally:
+        release(child)
+    # Refused, the lock file is still there and untouched; released, the lock is free again.
+    assert (tmp_path / LOCK_FILE).exists()
+    with update_lock(tmp_path):
+        pass
+
+
+def test_another_process_is_refused_while_this_one_holds_the_lock(tmp_path: Path) -> None:
+    with update_lock(tmp_path):
+        child = start_holder(tmp_path)
+        assert holder_line(child) == "busy"
+        release(child)
+
+
+def test_the_lock_is_released_after_the_context(tmp_path: Path) -> None:
+    with update_lock(tmp_path) as fd:
+        assert fd >= 0
+    child = start_holder(tmp_path)
+    try:
+        assert holder_line(child) == "held"
+    finally:
+        release(child)
+
+
+def test_the_lock_is_released_when_the_body_raises(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), update_lock(tmp_path):
+        raise RuntimeError("update failed")
+    child = start_holder(tmp_path)
+    try:
+        assert holder_line(child) == "held"
+    finally:
+        release(child)
+
+
+def test_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
+    child = start_holder(tmp_path)
+    assert holder_line(child) == "held"
+    child.kill()
+    child.wait(timeout=10)
+    with update_lock(tmp_path):
+        pass
+
+
+def test_the_lock_creates_the_state_dir(tmp_path: Path) -> None:
+    state_dir = tmp_path / "var" / "lib" / "avika-agent"
+    with update_lock(state_dir):
+        assert (state_dir / LOCK_FILE).exists()
+
+
+def test_the_lock_descriptor_is_not_inherited_by_children(tmp_path: Path) -> None:
+    # An inherited flock would outlive an exec and keep the next update out (DESIGN section 4).
+    with update_lock(tmp_path) as fd:
+        assert os.get_inheritable(fd) is False
