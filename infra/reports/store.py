@@ -1,0 +1,361 @@
+"""Where reports go: the storage interface, the ordering rule, and the SQLite store (DESIGN §5).
+
+The decisions live here once: `plan_batch` picks, for each agent, the batch's newest event (the
+candidate for its STATE item) and, per `target_version`, its newest lifecycle event (the candidate
+for its VERSION# outcome item); `supersedes` says whether a candidate replaces what is stored. A store
+only persists: it inserts events idempotently and applies `supersedes` atomically (SQLite inside one
+transaction; DynamoDB as a ConditionExpression that encodes the same rule, see `dynamodb.py`).
+
+Ordering ("which event is newest"), per DESIGN §5:
+- An event's position is (stream, seq). Within one stream, the higher `seq` wins.
+- Between two streams, the higher *stream key* wins (then `seq`). The stream key is the stream id
+  (lower case), except that a stream whose embedded creation time is more than 5 minutes ahead of the
+  server clock is taken as made when the server received it: its 13 time digits are replaced by the
+  receive time in ms. An agent whose clock ran into the future therefore cannot pin its latest state
+  forever, and a stream made after it by a corrected clock still wins.
+- When a candidate from the stored stream wins, the stored stream key is kept ("pinned"): a future
+  stream's key is fixed at the first time it won, so its later events do not keep moving it forward.
+  Known limit: an event of a future-stamped stream that is *not* the stored one is keyed by its own
+  receive time, so a late straggler from an abandoned future stream can beat a stream made before it
+  arrived. That takes a broken clock and a recreated queue at once; pinning every stream's first
+  sighting would cost an extra read per batch for all agents to cover it.
+Because an equal position never supersedes, re-applying a batch is a no-op: duplicates are offered
+again (a retried batch whose first attempt failed half-way still converges) without effect.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .validation import EVENT_FIELDS, LIFECYCLE_STATES, NULLABLE, STREAM_TIME_DIGITS, stream_time_ms
+
+if TYPE_CHECKING:
+    import sqlite3
+
+DEFAULT_TTL_SECONDS = 30 * 86400
+FUTURE_STREAM_SLACK_MS = 5 * 60 * 1000
+
+
+class StoreError(Exception):
+    """The store failed (unreachable, locked): the endpoint answers 503 and the agent retries."""
+
+
+class StoreThrottled(StoreError):
+    """The store pushed back (DynamoDB throttling): the endpoint answers 429."""
+
+
+# --- ordering -----------------------------------------------------------------------------------
+
+
+class Position(NamedTuple):
+    """Where an event sits in its agent's history; see the module docstring for the rule."""
+
+    stream: str
+    stream_key: str
+    seq: int
+
+
+def stream_key(stream: str, received_at: float) -> str:
+    """The stream id, with a creation time > 5 min ahead of `received_at` replaced by `received_at`."""
+    stream = stream.lower()
+    received_ms = int(received_at * 1000)
+    if stream_time_ms(stream) > received_ms + FUTURE_STREAM_SLACK_MS:
+        return f"{received_ms:0{STREAM_TIME_DIGITS}x}" + stream[STREAM_TIME_DIGITS:]
+    return stream
+
+
+def supersedes(new: Position, old: Position | None) -> bool:
+    """True when `new` is strictly newer than `old` (None: nothing stored yet)."""
+    if old is None:
+        return True
+    if new.stream == old.stream:
+        return new.seq > old.seq
+    return (new.stream_key, new.seq) > (old.stream_key, old.seq)
+
+
+def pinned(new: Position, old: Position | None) -> Position:
+    """The position to store when `new` wins: the stored stream keeps its first stream key."""
+    if old is not None and old.stream == new.stream:
+        return new._replace(stream_key=old.stream_key)
+    return new
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+def rfc3339_ms(epoch: float) -> str:
+    """UTC with milliseconds and a fixed width, so stored times also sort as strings."""
+    whole = int(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((epoch - whole) * 1000):03d}Z"
+
+
+class Candidate(NamedTuple):
+    """An event offered to a STATE or VERSION# item: its stored fields and its position."""
+
+    record: dict[str, Any]
+    position: Position
+
+
+class BatchPlan(NamedTuple):
+    """Everything one batch writes; stores persist it without further decisions."""
+
+    received_at: str
+    received_epoch: int
+    expires_at: int
+    events: list[dict[str, Any]]  # event records to insert if their (agent_id, event_id) is new
+    latest: dict[str, Candidate]  # agent_id -> newest event of the batch
+    outcomes: dict[tuple[str, str], Candidate]  # (target_version, agent_id) -> newest lifecycle event
+
+
+def _record(event: dict[str, Any], received_at: str) -> dict[str, Any]:
+    """The stored form of a validated event: nulls omitted (absent reads back as null)."""
+    record = {name: event[name] for name in EVENT_FIELDS if event.get(name) is not None}
+    record["received_at"] = received_at
+    return record
+
+
+def plan_batch(events: Sequence[dict[str, Any]], received_at: float, ttl_seconds: int) -> BatchPlan:
+    """Decide what a batch of validated events writes (pure)."""
+    received = rfc3339_ms(received_at)
+    latest: dict[str, Candidate] = {}
+    outcomes: dict[tuple[str, str], Candidate] = {}
+    records = []
+    for event in events:
+        record = _record(event, received)
+        records.append(record)
+        position = Position(event["stream"], stream_key(event["stream"], received_at), event["seq"])
+        candidate = Candidate(record, position)
+        agent_id = event["agent_id"]
+        current = latest.get(agent_id)
+        if current is None or supersedes(position, current.position):
+            latest[agent_id] = candidate
+        # Only an install attempt has an outcome; `checking`/`update_available` never do.
+        if event["state"] in LIFECYCLE_STATES and event.get("target_version") is not None:
+            key = (event["target_version"], agent_id)
+            current = outcomes.get(key)
+            if current is None or supersedes(position, current.position):
+                outcomes[key] = candidate
+    return BatchPlan(received, int(received_at), int(received_at) + ttl_seconds, records, latest, outcomes)
+
+
+def public_record(raw: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """A stored item as callers see it: every event field (absent nullable = None) plus `extra`."""
+    out = {name: raw[name] for name in EVENT_FIELDS if name in raw}
+    for name in NULLABLE:
+        out.setdefault(name, None)
+    out["received_at"] = raw.get("received_at")
+    for name in extra:
+        out[name] = raw.get(name)
+    return out
+
+
+# --- interface ----------------------------------------------------------------------------------
+
+
+class ReportStore(ABC):
+    """One interface over SQLite and DynamoDB; `put_events` plans once, `_persist` writes."""
+
+    ttl_seconds: int = DEFAULT_TTL_SECONDS
+
+    @staticmethod
+    def from_url(url: str, *, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> ReportStore:
+        """`sqlite:///relative.db`, `sqlite:////absolute/path.db` or `dynamodb://table-name`."""
+        if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+            return SQLiteStore(url[len("sqlite:///") :], ttl_seconds=ttl_seconds)
+        if url.startswith("dynamodb://"):
+            table = url[len("dynamodb://") :]
+            if not table or "/" in table:
+                raise ValueError(f"bad DynamoDB reports URL {url!r}: expected dynamodb://TABLE")
+            from .dynamodb import DynamoDBStore  # boto3 only when DynamoDB is asked for
+
+            return DynamoDBStore(table, ttl_seconds=ttl_seconds)
+        raise ValueError(f"unsupported reports URL {url!r}: use sqlite:///PATH or dynamodb://TABLE")
+
+    def put_events(self, events: Sequence[dict[str, Any]], received_at: float) -> tuple[int, int]:
+        """Store validated events received at `received_at` (epoch s); returns (accepted, duplicates)."""
+        plan = plan_batch(events, received_at, self.ttl_seconds)
+        accepted = self._persist(plan)
+        return accepted, len(events) - accepted
+
+    @abstractmethod
+    def _persist(self, plan: BatchPlan) -> int:
+        """Write `plan`; return how many of its events were new."""
+
+    @abstractmethod
+    def agents(self) -> Iterator[dict[str, Any]]:
+        """Every agent's latest state (event fields, `received_at`, `last_seen`); order unspecified."""
+
+    @abstractmethod
+    def agent(self, agent_id: str) -> dict[str, Any] | None:
+        """One agent's latest state, or None."""
+
+    @abstractmethod
+    def version_outcomes(self, version: str) -> list[dict[str, Any]]:
+        """Each agent's latest lifecycle event for an attempt at `version` (keyed as sent)."""
+
+    @abstractmethod
+    def agent_events(self, agent_id: str) -> list[dict[str, Any]]:
+        """The agent's stored events (with `received_at`, `expires_at`), for audits and tests.
+
+        Expired events may linger until purged, as DynamoDB's TTL deletes lazily.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+from_url = ReportStore.from_url
+
+
+# --- SQLite -------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    agent_id TEXT NOT NULL, event_id TEXT NOT NULL,
+    received_at TEXT NOT NULL, expires_at INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (agent_id, event_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_expiry ON events (expires_at);
+CREATE TABLE IF NOT EXISTS agent_state (
+    agent_id TEXT PRIMARY KEY, stream TEXT NOT NULL, stream_key TEXT NOT NULL, seq INTEGER NOT NULL,
+    last_seen TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS version_outcomes (
+    version TEXT NOT NULL, agent_id TEXT NOT NULL,
+    stream TEXT NOT NULL, stream_key TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (version, agent_id)) WITHOUT ROWID;
+"""
+
+
+class SQLiteStore(ReportStore):
+    """The local store (`avika-publish serve`): tables mirror the DynamoDB items.
+
+    One connection guarded by a lock, so a threaded HTTP server can share the store; WAL lets the
+    publisher's `fleet` read the file from another process while the server writes.
+    """
+
+    def __init__(self, path: str | Path, *, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+        import sqlite3  # not needed by the Lambda, so kept off its import path
+
+        self.path = str(path)
+        self.ttl_seconds = ttl_seconds
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write never upgrades a read lock.
+        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a 202 means the events survive a power cut
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except self._errors as exc:
+                raise StoreError(f"sqlite: {exc}") from exc
+
+    def _persist(self, plan: BatchPlan) -> int:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    accepted = self._write(self._db, plan)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return accepted
+            except self._errors as exc:
+                raise StoreError(f"sqlite: {exc}") from exc
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, plan: BatchPlan) -> int:
+        # What DynamoDB's TTL does, by the same (server receive) clock.
+        db.execute("DELETE FROM events WHERE expires_at <= ?", (plan.received_epoch,))
+        accepted = 0
+        for record in plan.events:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO events (agent_id, event_id, received_at, expires_at, data)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    record["agent_id"],
+                    record["event_id"],
+                    plan.received_at,
+                    plan.expires_at,
+                    json.dumps(record),
+                ),
+            )
+            accepted += cur.rowcount
+        for agent_id, cand in plan.latest.items():
+            row = db.execute(
+                "SELECT stream, stream_key, seq FROM agent_state WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            old = Position(*row) if row else None
+            if supersedes(cand.position, old):
+                pos = pinned(cand.position, old)
+                db.execute(
+                    "INSERT OR REPLACE INTO agent_state (agent_id, stream, stream_key, seq, last_seen, data)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        agent_id,
+                        pos.stream,
+                        pos.stream_key,
+                        pos.seq,
+                        plan.received_at,
+                        json.dumps(cand.record),
+                    ),
+                )
+            else:  # an older or replayed event still proves the agent is alive
+                db.execute(
+                    "UPDATE agent_state SET last_seen = max(last_seen, ?) WHERE agent_id = ?",
+                    (plan.received_at, agent_id),
+                )
+        for (version, agent_id), cand in plan.outcomes.items():
+            row = db.execute(
+                "SELECT stream, stream_key, seq FROM version_outcomes WHERE version = ? AND agent_id = ?",
+                (version, agent_id),
+            ).fetchone()
+            old = Position(*row) if row else None
+            if supersedes(cand.position, old):
+                pos = pinned(cand.position, old)
+                db.execute(
+                    "INSERT OR REPLACE INTO version_outcomes"
+                    " (version, agent_id, stream, stream_key, seq, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (version, agent_id, pos.stream, pos.stream_key, pos.seq, json.dumps(cand.record)),
+                )
+        return accepted
+
+    def agents(self) -> Iterator[dict[str, Any]]:
+        rows = self._query("SELECT last_seen, data FROM agent_state ORDER BY agent_id")
+        for last_seen, data in rows:
+            yield public_record({**json.loads(data), "last_seen": last_seen}, "last_seen")
+
+    def agent(self, agent_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT last_seen, data FROM agent_state WHERE agent_id = ?", (agent_id,))
+        if not rows:
+            return None
+        last_seen, data = rows[0]
+        return public_record({**json.loads(data), "last_seen": last_seen}, "last_seen")
+
+    def version_outcomes(self, version: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT data FROM version_outcomes WHERE version = ? ORDER BY agent_id", (version,)
+        )
+        return [public_record(json.loads(data)) for (data,) in rows]
+
+    def agent_events(self, agent_id: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT expires_at, data FROM events WHERE agent_id = ? ORDER BY event_id", (agent_id,)
+        )
+        return [public_record({**json.loads(data), "expires_at": exp}, "expires_at") for exp, data in rows]
