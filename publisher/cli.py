@@ -1,0 +1,376 @@
+"""``avika-publish``: thin click commands over ``publisher.release`` (DESIGN section 6, contract).
+
+Each command checks its input, calls one function that does the work and prints the result.
+Errors are mapped to exit codes here, once: 1 operational failure, 2 usage or refused input,
+3 verification failed; always one line on stderr, never a traceback (``AVIKA_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.manifest import Manifest, ManifestError, Signer, format_time
+from infra.reports.auth import ConfigError, make_token, parse_secrets
+from infra.reports.validation import valid_agent_id
+from publisher import release as publishing
+from publisher.errors import PublishError
+from publisher.options import (
+    binary_option,
+    expires_option,
+    json_option,
+    public_key_option,
+    reports_option,
+    resign_options,
+    signing_options,
+    source_options,
+)
+from publisher.signing import load_signers, write_new_key
+from publisher.stores import DirStore, Store, open_reader, open_store
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except PublishError as exc:
+            _fail(exc.message, exc.exit_code)
+        except ManifestError as exc:
+            _fail(f"{exc.code}: {exc.message}", 3)
+        except OSError as exc:
+            _fail(str(exc), 1)
+        except Exception as exc:
+            if os.environ.get("AVIKA_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (AVIKA_DEBUG=1 shows the traceback)", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"avika-publish: error: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _note(message: str) -> None:
+    click.echo(f"avika-publish: note: {message}", err=True)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@contextlib.contextmanager
+def _bar(label: str, total: int) -> Iterator[publishing.Advance]:
+    with click.progressbar(length=max(total, 1), label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _progress() -> publishing.Progress:
+    """A progress bar only when a person watches stderr."""
+    return _bar if sys.stderr.isatty() else publishing.no_progress
+
+
+def _publishing(
+    dry_run: bool,
+    key_files: tuple[str, ...],
+    kms_key_ids: tuple[str, ...],
+    store: str,
+    cloudfront_distribution: str | None,
+    endpoint_url: str | None,
+) -> tuple[Store, list[Signer], publishing.Invalidate | None]:
+    """The store, the signers and the CDN invalidation every signing command works with."""
+    target = open_store(store, endpoint_url=endpoint_url)
+    signers = [] if dry_run and not (key_files or kms_key_ids) else load_signers(key_files, kms_key_ids)
+    if isinstance(target, DirStore):
+        if cloudfront_distribution:
+            _note("--cloudfront-distribution is ignored for a file store (nothing to invalidate)")
+        if endpoint_url:
+            _note("--endpoint-url is ignored for a file store")
+    return target, signers, None
+
+
+def _summary(manifest: Manifest) -> list[str]:
+    left = manifest.expires - datetime.now(UTC)
+    expiry = f"in {left.days}d {left.seconds // 3600}h" if left.total_seconds() > 0 else "EXPIRED"
+    lines = [
+        f"version      {manifest.version}",
+        f"serial       {manifest.serial}",
+        f"released_at  {format_time(manifest.released_at)}",
+        f"expires      {format_time(manifest.expires)} ({expiry})",
+        f"rollout      {manifest.rollout.percent}% (salt {manifest.rollout.salt!r})",
+        f"min_version  {manifest.min_version or '-'}",
+        f"downgrade    {'yes' if manifest.downgrade else 'no'}",
+        f"image        {manifest.container_image or '-'}",
+        f"reports_url  {manifest.reports_url or '-'}",
+    ]
+    if manifest.changelog:
+        lines.append(f"changelog    {manifest.changelog.splitlines()[0]}")
+    lines.append("binaries")
+    for platform, b in sorted(manifest.binaries.items()):
+        lines.append(f"  {platform:<14} {b.size:>11} bytes  sha256 {b.sha256}  {b.url}")
+    return lines
+
+
+def _print_outcome(outcome: publishing.Outcome, as_json: bool) -> None:
+    if as_json:
+        _print_json(outcome.to_json())
+        return
+    m = outcome.manifest
+    if outcome.status == "unchanged":
+        click.echo(
+            f"{m.version} is already published as serial {m.serial} in {outcome.location}; nothing to do"
+        )
+        return
+    verb = {"published": "published", "dry_run": "dry run: would publish"}[outcome.status]
+    click.echo(f"{verb} {m.version} as serial {m.serial} to {outcome.location}")
+    would = "would " if outcome.status == "dry_run" else ""
+    for key in outcome.uploaded:
+        click.echo(f"  {would}upload   {key}")
+    for key in outcome.present:
+        click.echo(f"  present  {key}")
+    for key in outcome.written:
+        click.echo(f"  {would}write    {key}")
+    for line in _summary(m):
+        click.echo(f"  {line}")
+    if outcome.status == "dry_run":
+        click.echo("payload:")
+        click.echo(json.dumps(m.to_dict(), indent=2))
+    for note in outcome.notes:
+        _note(note)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="avika-updates", prog_name="avika-publish")
+def main() -> None:
+    """Publish signed releases for the Avika agent fleet (DESIGN.md section 6)."""
+
+
+@main.command()
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the new private key (PEM, mode 0600); never overwritten.",
+)
+@json_option
+def keygen(out: Path, as_json: bool) -> None:
+    """Generate an Ed25519 signing key; print its public key and key id."""
+    public = write_new_key(out)
+    if as_json:
+        _print_json({"path": str(out), "public_key": public.b64, "key_id": public.keyid})
+    else:
+        click.echo(f"public key: {public.b64}")
+        click.echo(f"key id:     {public.keyid}")
+        _note(f"wrote {out} (mode 0600); agents trust the public key via UPDATE_PUBLIC_KEYS")
+
+
+@main.command()
+@click.argument("version")
+@binary_option
+@click.option(
+    "--image", metavar="REF", help="Container image of this release (also written to helm-values.yaml)."
+)
+@click.option("--min-version", metavar="V", help="Agents below this update now, whatever their wave.")
+@click.option("--changelog", default="", help="Release notes (text).")
+@click.option(
+    "--changelog-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Release notes file.",
+)
+@click.option(
+    "--rollout",
+    "rollout_percent",
+    type=click.IntRange(0, 100),
+    default=100,
+    show_default=True,
+    metavar="PERCENT",
+    help="Share of agents in the first wave.",
+)
+@click.option(
+    "--rollout-salt", metavar="S", help="Wave salt (default: the version, so each release picks anew)."
+)
+@expires_option
+@click.option("--downgrade", is_flag=True, help="Sign a deliberate rollback to an older version.")
+@click.option(
+    "--reports-url", metavar="URL", help="Where agents report (default: the live manifest's; '' for none)."
+)
+@click.option("--force", is_flag=True, help="Allow replacing the binaries of an already published version.")
+@signing_options
+def release(
+    version: str,
+    binaries: dict[str, Path],
+    image: str | None,
+    min_version: str | None,
+    changelog: str,
+    changelog_file: Path | None,
+    rollout_percent: int,
+    rollout_salt: str | None,
+    expires_in: Any,
+    downgrade: bool,
+    reports_url: str | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    **signing: Any,
+) -> None:
+    """Publish VERSION: upload binaries, sign the manifest, make it live."""
+    if not binaries:
+        raise click.UsageError("at least one --binary PLATFORM=PATH is required")
+    if changelog and changelog_file:
+        raise click.UsageError("give --changelog or --changelog-file, not both")
+    if changelog_file:
+        changelog = changelog_file.read_text(encoding="utf-8")
+    spec = publishing.ReleaseSpec(
+        version=version,
+        binaries=binaries,
+        image=image,
+        min_version=min_version,
+        changelog=changelog,
+        rollout_percent=rollout_percent,
+        rollout_salt=rollout_salt,
+        expires_in=expires_in,
+        downgrade=downgrade,
+        reports_url=reports_url,
+        force=force,
+    )
+    store, signers, invalidate = _publishing(dry_run, **signing)
+    outcome = publishing.release(
+        store, signers, spec, dry_run=dry_run, progress=_progress(), invalidate=invalidate
+    )
+    _print_outcome(outcome, as_json)
+
+
+def _resign(
+    percent: int | None, expires_in: Any, public_keys: list, dry_run: bool, as_json: bool, **signing: Any
+) -> None:
+    store, signers, invalidate = _publishing(dry_run, **signing)
+    outcome = publishing.resign(
+        store,
+        signers,
+        percent=percent,
+        expires_in=expires_in,
+        trusted=public_keys,
+        dry_run=dry_run,
+        invalidate=invalidate,
+    )
+    _print_outcome(outcome, as_json)
+
+
+@main.command()
+@click.argument("percent", type=click.IntRange(0, 100))
+@expires_option
+@resign_options
+def rollout(percent: int, **kwargs: Any) -> None:
+    """Re-sign the live manifest with a new rollout PERCENT (serial + 1, salt kept)."""
+    _resign(percent, **kwargs)
+
+
+@main.command()
+@expires_option
+@resign_options
+def halt(**kwargs: Any) -> None:
+    """Stop the rollout: re-sign the live manifest at rollout 0."""
+    _resign(0, **kwargs)
+
+
+@main.command()
+@expires_option
+@resign_options
+def refresh(**kwargs: Any) -> None:
+    """Re-sign the live manifest with a new expiry (for a scheduled job)."""
+    _resign(None, **kwargs)
+
+
+@main.command()
+@source_options
+@json_option
+def show(store: str, url: str | None, as_json: bool) -> None:
+    """Print the live manifest (decoded without checking signatures; use verify for that)."""
+    reader = open_reader(store, url)
+    manifest = publishing.show(reader)
+    if as_json:
+        _print_json(manifest.to_dict())
+        return
+    click.echo(f"{reader.location}/manifest.json (unverified: signatures not checked; use verify)")
+    for line in _summary(manifest):
+        click.echo(line)
+
+
+@main.command()
+@public_key_option("Trusted key.", required=True)
+@click.option(
+    "--threshold", type=click.IntRange(min=1), default=1, show_default=True, help="Distinct keys needed."
+)
+@source_options
+@json_option
+def verify(public_keys: list, threshold: int, store: str, url: str | None, as_json: bool) -> None:
+    """Verify the live manifest as an agent would, then re-read every binary and check it."""
+    if threshold > len(public_keys):
+        raise click.BadParameter(
+            f"{threshold} exceeds the {len(public_keys)} key(s) given", param_hint="--threshold"
+        )
+    report = publishing.verify(
+        open_reader(store, url), public_keys, threshold=threshold, progress=_progress()
+    )
+    if as_json:
+        _print_json(report.to_json())
+    elif report.manifest is not None:
+        m = report.manifest
+        click.echo(f"manifest serial {m.serial} ({m.version}) verified; expires {format_time(m.expires)}")
+        for b in report.binaries:
+            click.echo(f"  {b.platform:<14} {'ok' if b.error is None else b.error:<17} {b.url}")
+    for code, message in report.failures:
+        click.echo(f"avika-publish: error: {code}: {message}", err=True)
+    raise click.exceptions.Exit(report.exit_code)
+
+
+@main.command()
+@click.argument("agent_id")
+@json_option
+def enroll(agent_id: str, as_json: bool) -> None:
+    """Print AGENT_ID's report token (UPDATE_REPORT_TOKEN); fleet secret from AVIKA_FLEET_SECRET."""
+    if not valid_agent_id(agent_id):
+        raise click.BadParameter(
+            f"{agent_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ / + = -", param_hint="AGENT_ID"
+        )
+    try:
+        secret = parse_secrets(os.environ.get("AVIKA_FLEET_SECRET"))[0]
+    except ConfigError as exc:
+        raise click.UsageError(f"AVIKA_FLEET_SECRET: {exc}") from None
+    token = make_token(secret, agent_id)
+    if as_json:
+        _print_json({"agent_id": agent_id, "token": token})
+    else:
+        click.echo(token)
+
+
+@main.command()
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Store directory.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port."
+)
+@reports_option
+def serve(root: Path, host: str, port: int, reports: str | None) -> None:
+    """Serve a store directory like a CDN (ETag, Range, Cache-Control), plus POST /v1/reports."""
+    from publisher.serve import run
+
+    run(root, host, port, reports)
+
+
+if __name__ == "__main__":
+    main()

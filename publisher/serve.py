@@ -1,0 +1,329 @@
+"""``avika-publish serve``: a store directory served like the CDN agents expect (DESIGN sections 2, 5, 6).
+
+- GET/HEAD of files under the root only: the path is decoded, dot segments and hidden names
+  (``..``, ``.avika-publish.lock``, temporary files) are 404, and the resolved file must stay
+  inside the root (a symlink out is 404); no directory listings.
+- A strong ETag (quoted sha256 of the content, cached by file identity and mtime so a big binary
+  is hashed once), ``If-None-Match`` (lists, weak tags, ``*``) gives 304.
+- One byte range (``bytes=a-b``, ``a-``, ``-n``) gives 206 with ``Content-Range``, an
+  unsatisfiable one 416; several ranges or a stale ``If-Range`` get the whole file.
+- Content-Type and Cache-Control per the store layout (``publisher.stores.object_headers``).
+- Bodies are streamed in 1 MiB chunks from the same open file the ETag was computed from, so an
+  atomic replace of ``manifest.json`` mid-request never pairs one content with another's ETag.
+- ``POST /v1/reports`` is ``infra.reports.core.ReportsEndpoint`` over ``--reports`` (404 without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import stat
+import sys
+import threading
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+from infra.reports.auth import ConfigError, parse_secrets
+from infra.reports.core import MAX_BODY_BYTES, ReportsEndpoint, error
+from infra.reports.store import ReportStore
+from publisher.errors import Refused
+from publisher.stores import CHUNK, object_headers
+
+REPORTS_PATH = "/v1/reports"
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_ETAG_CACHE_ENTRIES = 4096
+UNSATISFIABLE = "unsatisfiable"
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """(first, last) byte of a single range; ``UNSATISFIABLE``; None to ignore it (serve it all)."""
+    m = _RANGE_RE.fullmatch(header.strip().replace(" ", ""))
+    if not m or m.group(1) == m.group(2) == "":
+        return None  # malformed or several ranges: RFC 9110 lets a server ignore Range
+    first, last = m.group(1), m.group(2)
+    if first == "":  # suffix: the last n bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - n), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored, like a malformed header
+    if start >= size:
+        return UNSATISFIABLE
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """``If-None-Match``: weak comparison over a list, or ``*``."""
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
+
+
+class UpdateServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path, address: tuple[str, int], reports: ReportsEndpoint | None) -> None:
+        self.root = Path(root).resolve()
+        self.reports = reports
+        self._etags: dict[tuple[int, int, int, int], str] = {}
+        self._etags_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client went away: not our error
+            return
+        super().handle_error(request, client_address)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def etag(self, fh: IO[bytes], st: os.stat_result) -> str:
+        ident = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._etags_lock:
+            cached = self._etags.get(ident)
+        if cached is not None:
+            return cached
+        digest = hashlib.sha256()
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+        fh.seek(0)
+        tag = f'"{digest.hexdigest()}"'
+        with self._etags_lock:
+            if len(self._etags) >= _ETAG_CACHE_ENTRIES:
+                self._etags.clear()
+            self._etags[ident] = tag
+        return tag
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: UpdateServer
+    protocol_version = "HTTP/1.1"
+    server_version = "avika-publish"
+    timeout = 60  # an idle keep-alive connection does not hold a thread for ever
+
+    # ------------------------------------------------------------ routing
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    def _route(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        if method not in ("GET", "HEAD") and not (path == REPORTS_PATH and method == "POST"):
+            self.close_connection = True  # a body we do not read must not be parsed as the next request
+        if path == REPORTS_PATH and self.server.reports is not None:
+            self._reports(method)
+        elif method in ("GET", "HEAD"):
+            self._file(path, head=method == "HEAD")
+        elif method == "POST":
+            self._plain(404, "not found")
+        else:
+            self._plain(405, "method not allowed", {"Allow": "GET, HEAD"})
+
+    def _plain(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        body = (text + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    # ------------------------------------------------------------ reports
+
+    def _reports(self, method: str) -> None:
+        assert self.server.reports is not None
+        body = b""
+        if method == "POST":
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                self._plain(411, "Content-Length required")
+                return
+            if length > MAX_BODY_BYTES:  # answer without reading an oversized body
+                self.close_connection = True
+                too_large = error(413, "too_large", f"body exceeds {MAX_BODY_BYTES} bytes; split the batch")
+                self._send(too_large.status, too_large.all_headers(), too_large.encoded())
+                return
+            body = self.rfile.read(length)
+        status, headers, data = self.server.reports.handle(method, dict(self.headers.items()), body)
+        self._send(status, headers, data)
+
+    def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    # ------------------------------------------------------------ files
+
+    def _resolve(self, raw_path: str) -> Path | int | None:
+        """The file to serve, None (404) or an HTTP status for a malformed path."""
+        try:
+            path = unquote(raw_path, errors="strict")
+        except UnicodeDecodeError:
+            return 400
+        if "\x00" in path or "\\" in path or not path.startswith("/"):
+            return 400
+        parts = [p for p in path.split("/") if p]
+        if not parts or any(p.startswith(".") for p in parts):  # "..", ".", hidden and temp files
+            return None
+        try:
+            real = self.server.root.joinpath(*parts).resolve()
+        except (OSError, RuntimeError):
+            return None
+        if not real.is_relative_to(self.server.root):
+            return None
+        return real
+
+    def _file(self, raw_path: str, head: bool) -> None:
+        target = self._resolve(raw_path)
+        if isinstance(target, int):
+            self._plain(target, "bad request")
+            return
+        try:
+            fh = open(target, "rb") if target is not None else None  # noqa: SIM115 - closed below
+        except OSError:
+            fh = None
+        if fh is None:
+            self._plain(404, "not found")
+            return
+        with fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                self._plain(404, "not found")
+                return
+            self._send_file(fh, st, "/".join(target.relative_to(self.server.root).parts), head)
+
+    def _send_file(self, fh: IO[bytes], st: os.stat_result, key: str, head: bool) -> None:
+        etag = self.server.etag(fh, st)
+        content_type, cache_control = object_headers(key)
+        common = {
+            "ETag": etag,
+            "Cache-Control": cache_control,
+            "Last-Modified": formatdate(st.st_mtime, usegmt=True),
+            "Accept-Ranges": "bytes",
+        }
+        inm = self.headers.get("If-None-Match")
+        if inm is not None and etag_matches(inm, etag):
+            self.send_response(304)
+            for name, value in common.items():
+                self.send_header(name, value)
+            self.end_headers()
+            return
+        size = st.st_size
+        status, start, length = 200, 0, size
+        extra: dict[str, str] = {}
+        wanted = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if wanted is not None and (if_range is None or if_range.strip() == etag):
+            chosen = parse_range(wanted, size)
+            if chosen == UNSATISFIABLE:
+                self._plain(416, "range not satisfiable", {**common, "Content-Range": f"bytes */{size}"})
+                return
+            if isinstance(chosen, tuple):
+                status, start, length = 206, chosen[0], chosen[1] - chosen[0] + 1
+                extra["Content-Range"] = f"bytes {chosen[0]}-{chosen[1]}/{size}"
+        self.send_response(status)
+        for name, value in {**common, **extra, "Content-Type": content_type}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if head:
+            return
+        fh.seek(start)
+        try:
+            while length > 0:
+                chunk = fh.read(min(CHUNK, length))
+                if not chunk:  # truncated under us; the client sees a short body
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+                length -= len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+def make_server(
+    root: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    reports_url: str | None = None,
+    fleet_secret: str | None = None,
+) -> UpdateServer:
+    """A bound server (not yet serving); ``port`` 0 picks a free port (see ``server.url``).
+
+    With ``reports_url``, ``POST /v1/reports`` stores reports there, checked against
+    ``fleet_secret`` (default: ``AVIKA_FLEET_SECRET``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise Refused(f"--root {root} is not a directory")
+    reports = None
+    if reports_url:
+        try:
+            secrets = parse_secrets(
+                fleet_secret if fleet_secret is not None else os.environ.get("AVIKA_FLEET_SECRET")
+            )
+        except ConfigError as exc:
+            raise Refused(f"AVIKA_FLEET_SECRET: {exc}") from None
+        try:
+            store = ReportStore.from_url(reports_url)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        reports = ReportsEndpoint(store, secrets)
+    return UpdateServer(root, (host, port), reports)
+
+
+def run(root: str | Path, host: str, port: int, reports_url: str | None = None, out: Any = None) -> None:
+    """Serve until SIGTERM or SIGINT; the first line on ``out`` says where."""
+    out = out or sys.stdout
+    server = make_server(root, host, port, reports_url)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        if not stopping.is_set():  # shutdown() waits for serve_forever: call it from another thread
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        print(f"serving {server.root} on {server.url}", file=out, flush=True)
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.server_close()
+        if server.reports is not None:
+            server.reports.store.close()
