@@ -245,19 +245,40 @@ def sign_envelope(payload: bytes, signers: Iterable[Signer], payload_type: str =
         "payload": base64.b64encode(payload).decode("ascii"),
         "signatures": signatures,
     }
-    return json.dumps(envelope, indent=1).encode("utf-8") + b"\n"
+    return canonical_envelope(envelope)
+
+
+def canonical_envelope(envelope: Mapping[str, Any]) -> bytes:
+    """The publisher's exact layout: compact JSON, fields in DSSE order, no trailing newline.
+
+    No insignificant byte is left, so an audit can insist that every served byte is as signed.
+    """
+    ordered = {
+        "payloadType": envelope.get("payloadType"),
+        "payload": envelope.get("payload"),
+        "signatures": [
+            {"keyid": s.get("keyid"), "sig": s.get("sig")} for s in envelope.get("signatures", [])
+        ],
+    }
+    return json.dumps(ordered, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def _b64(text: str) -> bytes:
-    """Standard or URL-safe base64, as DSSE allows; padding optional."""
-    text = text + "=" * (-len(text) % 4)
-    alphabet_std = re.fullmatch(r"[A-Za-z0-9+/]*=*", text)
-    alphabet_url = re.fullmatch(r"[A-Za-z0-9_-]*=*", text)
-    if alphabet_std:
-        return base64.b64decode(text, validate=True)
-    if alphabet_url:
-        return base64.urlsafe_b64decode(text)
-    raise binascii.Error("not base64")
+    """Standard or URL-safe base64, as DSSE allows; padding optional; canonical only.
+
+    Non-zero padding bits are refused (RFC 4648 section 3.5; Go: ``StdEncoding.Strict()``), so no
+    two envelope texts decode to the same bytes: every byte of a served envelope matters.
+    """
+    padded = text + "=" * (-len(text) % 4)
+    if re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", padded):
+        raw, again = base64.b64decode(padded, validate=True), base64.b64encode
+    elif re.fullmatch(r"[A-Za-z0-9_-]*={0,2}", padded):
+        raw, again = base64.urlsafe_b64decode(padded), base64.urlsafe_b64encode
+    else:
+        raise binascii.Error("not base64")
+    if again(raw).decode("ascii") != padded:
+        raise binascii.Error("non-canonical base64")
+    return raw
 
 
 def _strict_loads(data: bytes) -> Any:
@@ -322,6 +343,28 @@ def _open_envelope(data: bytes) -> tuple[bytes, list[tuple[str | None, bytes]]]:
     if payload_type != PAYLOAD_TYPE:
         raise WrongPayloadType(f"payloadType is {payload_type!r}, expected {PAYLOAD_TYPE!r}")
     return payload, decoded
+
+
+def audit_envelope(data: bytes, trusted: Sequence[PublicKey]) -> list[str]:
+    """Stricter than an agent, for ``avika-publish verify``: problems with an envelope that verifies.
+
+    An agent accepts any layout and treats ``keyid`` as a hint (DESIGN section 2). An audit of what
+    the CDN serves also wants the publisher's exact bytes: canonical layout, every signature made
+    by a trusted key, and every ``keyid`` naming the key that made it.
+    """
+    payload, decoded = _open_envelope(data)
+    envelope = json.loads(data)
+    problems = []
+    if canonical_envelope(envelope) != data:
+        problems.append("envelope bytes differ from the publisher's canonical layout")
+    message = pae(PAYLOAD_TYPE, payload)
+    for i, (hint, sig) in enumerate(decoded):
+        signer = next((k for k in trusted if k.verify(sig, message)), None)
+        if signer is None:
+            problems.append(f"signature {i} is not made by a trusted key")
+        elif hint != signer.keyid:
+            problems.append(f"signature {i} has keyid {hint!r}, but key {signer.keyid} made it")
+    return problems
 
 
 def read_envelope_unverified(data: bytes) -> bytes:

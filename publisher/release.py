@@ -42,6 +42,7 @@ from agent.manifest import (
     PublicKey,
     Rollout,
     Signer,
+    audit_envelope,
     format_time,
     normalize_version,
     parse_manifest,
@@ -684,6 +685,9 @@ def verify(
     except ManifestError as exc:
         report.error, report.message = exc.code, exc.message
         return report
+    problems = audit_envelope(data, trusted)
+    if problems:
+        report.error, report.message = "noncanonical_envelope", "; ".join(problems)
     binaries = sorted(report.manifest.binaries.items())
     with progress("verifying", sum(b.size for _, b in binaries)) as advance:
         report.binaries = [check_binary(reader, platform, b, advance) for platform, b in binaries]

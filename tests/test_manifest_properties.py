@@ -207,7 +207,7 @@ def mutate(data: bytes, steps: list[tuple[str, int, int]]) -> bytes:
 @given(mutations)
 @example([("insert", 0, ord(" "))])
 @example([("insert", len(VALID_ENVELOPE) - 1, ord("\t"))])
-@example([("flip", VALID_ENVELOPE.index(b'"keyid": "') + 10, 1)])
+@example([("flip", VALID_ENVELOPE.index(b'"keyid":"') + 10, 1)])
 def test_a_mutated_envelope_is_refused_or_still_the_same_manifest(steps: list[tuple[str, int, int]]) -> None:
     data = mutate(VALID_ENVELOPE, steps)
     result = run_everything(data)
@@ -220,7 +220,7 @@ def test_whitespace_and_keyid_mutations_do_verify() -> None:
     # The examples above must really reach the "same manifest" branch, not only refusals.
     respaced = b"  " + VALID_ENVELOPE.replace(b'": "', b'":"')
     assert run_everything(respaced) == VALID_MANIFEST
-    hint = VALID_ENVELOPE.index(b'"keyid": "') + 10
+    hint = VALID_ENVELOPE.index(b'"keyid":"') + 10
     assert run_everything(mutate(VALID_ENVELOPE, [("flip", hint, 1)])) == VALID_MANIFEST
 
 

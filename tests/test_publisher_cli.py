@@ -220,9 +220,9 @@ def _flip(data: bytes, index: int) -> bytes:
 
 
 def _positions(envelope: bytes) -> dict[str, int]:
-    payload = envelope.index(b'"payload": "') + len(b'"payload": "')
-    sig = envelope.index(b'"sig": "') + len(b'"sig": "')
-    ptype = envelope.index(b'"payloadType": "') + len(b'"payloadType": "')
+    payload = envelope.index(b'"payload":"') + len(b'"payload":"')
+    sig = envelope.index(b'"sig":"') + len(b'"sig":"')
+    ptype = envelope.index(b'"payloadType":"') + len(b'"payloadType":"')
     return {
         "payload-start": payload, "payload-middle": payload + 200, "payload-near-end": payload + 400,
         "signature-start": sig, "signature-middle": sig + 40, "payload-type": ptype + 5,

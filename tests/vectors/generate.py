@@ -590,6 +590,24 @@ def build_cases() -> list[Case]:
         ),
         error("malformed_envelope"),
     )
+    noncanonical = b64(minimal_payload)
+    assert noncanonical.endswith("=") and not noncanonical.endswith("==")
+    last = noncanonical[-2]  # the last data character carries 2 unused bits: set one
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    noncanonical = noncanonical[:-2] + alphabet[alphabet.index(last) | 1] + "="
+    add(
+        "malformed_envelope_payload_noncanonical_base64",
+        "payload base64 with non-zero padding bits (decodes to the signed bytes, but is not canonical:"
+        " RFC 4648 section 3.5; Go: base64.StdEncoding.Strict()).",
+        envelope_bytes(
+            {
+                "payloadType": PAYLOAD_TYPE,
+                "payload": noncanonical,
+                "signatures": [sig_entry("k1", minimal_payload)],
+            }
+        ),
+        error("malformed_envelope"),
+    )
     add(
         "malformed_envelope_payload_missing",
         "No payload field.",
