@@ -85,6 +85,21 @@ def check_agents(workdir: Path, server: str, public_key: str, versions: dict[str
     return rows
 
 
+def tamper_check(workdir: Path, server: str, public_key: str) -> subprocess.CompletedProcess:
+    agent_id = AGENTS[0]
+    target = workdir / "hosts" / agent_id / "avika-agent"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AGENT_ID": agent_id,
+        "UPDATE_SERVER": server,
+        "UPDATE_PUBLIC_KEYS": public_key,
+        "UPDATE_STATE_DIR": str(target.parent / "state"),
+        "UPDATE_TARGET": str(target),
+        "DEPLOYMENT_MODE": "vm",
+    }
+    return run([*AGENT, "check", "--config", str(workdir / "empty.conf")], env=env, check=False)
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'agent':<18} {'mode':<10} {'running':<8} {'manifest':<8} {'bucket':>6} {'in wave':<8} action"
     print(header)
@@ -113,7 +128,7 @@ def main() -> int:
     key = workdir / "signing-key.pem"
     keygen = json.loads(run([*PUBLISH, "keygen", "--out", str(key), "--json"]).stdout)
     public_key = keygen["public_key"]
-    print(f"public key {public_key}  key id {keygen['keyid'][:16]}...")
+    print(f"public key {public_key}  key id {keygen['key_id'][:16]}...")
 
     say("2. Build two tiny sample agent binaries (0.1.43, 0.1.44)")
     builds = workdir / "builds"
@@ -165,6 +180,23 @@ def main() -> int:
         say("7. Audit what the server serves (avika-publish verify)")
         verify = run([*PUBLISH, "verify", "--public-key", public_key, "--url", url])
         print(verify.stdout.strip())
+
+        say("8. Someone changes one byte of the served manifest: agents and the audit refuse it")
+        manifest = store / "manifest.json"
+        original = manifest.read_bytes()
+        index = original.index(b'"payload":"') + 40
+        manifest.write_bytes(
+            original[:index] + (b"B" if original[index : index + 1] == b"A" else b"A") + original[index + 1 :]
+        )
+        try:
+            tampered = tamper_check(workdir, url, public_key)
+            audit = run([*PUBLISH, "verify", "--public-key", public_key, "--url", url], check=False)
+        finally:
+            manifest.write_bytes(original)
+        print(f"avika-agent check  -> exit {tampered.returncode}: {tampered.stdout.strip()}")
+        print(f"avika-publish verify -> exit {audit.returncode}: {audit.stderr.strip().splitlines()[-1]}")
+        if tampered.returncode != 3 or audit.returncode != 3:
+            sys.exit("demo: a tampered manifest was not refused")
     finally:
         stop_server()
     print(f"\nDemo finished in {time.monotonic() - started:.1f} s; files are under {workdir}")
