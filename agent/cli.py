@@ -155,5 +155,14 @@ def check_command(config_path: Path | None) -> None:
     print_json(result.to_dict())
 
 
+# The update commands live in agent/commands.py, which takes this module's shared options.
+from agent import commands  # noqa: E402
+
+main.add_command(commands.run_command)
+main.add_command(commands.update_command)
+main.add_command(commands.rollback_command)
+main.add_command(commands.status_command)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,147 @@
+"""Where the update lifecycle reports each state it enters (DESIGN sections 4 and 5).
+
+The lifecycle, the runner and the watchdog call one method, :meth:`EventSink.emit`, and never
+know where the event goes. The base class builds the event with the fields DESIGN section 5
+names (``event_id``, ``time``, ``state``, ``agent_id``, ``version``, ``mode``, ``platform``,
+``target_version``, ``manifest_serial`` and the optional ``failed_state``, ``error``, ``image``,
+``in_wave``); a sink implements only :meth:`EventSink._deliver`. ``stream`` and ``seq`` belong
+to the durable report queue (a later sink behind this same interface), which numbers events as
+it appends them.
+
+- :class:`LogSink` writes each event as one log record (a JSON line with ``--log-format json``);
+- :class:`RecordingSink` keeps them in memory for tests.
+
+``configured`` / ``delivered`` tell the commit rule (DESIGN section 4) whether reporting is on
+and whether a report reached the endpoint since this process started; a sink without an
+endpoint is never "configured", so it never holds a commit back.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.manifest import format_time
+
+log = logging.getLogger("agent.events")
+
+# DESIGN section 5: `error` is at most 512 characters, without control characters.
+MAX_ERROR_CHARS = 512
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# The states an event may carry: DESIGN section 4's, plus update_available.
+STATES = (
+    "checking",
+    "update_available",
+    "downloading",
+    "verifying",
+    "staged",
+    "restarting",
+    "watching",
+    "committed",
+    "rolled_back",
+    "failed",
+)
+
+
+def clean_error(text: str | None) -> str | None:
+    """An ``error`` fit for a report: control characters replaced, at most 512 characters."""
+    if text is None:
+        return None
+    text = _CONTROL_RE.sub(" ", text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who reports: the fields every event of this process shares."""
+
+    agent_id: str | None
+    version: str
+    mode: str  # vm | container
+    platform: str | None
+
+
+class EventSink(abc.ABC):
+    """Builds events; a subclass delivers them (:meth:`_deliver`)."""
+
+    #: True when events are sent to a reports endpoint (the commit waits for one delivery).
+    configured: bool = False
+
+    def __init__(self, origin: Origin, clock: Callable[[], datetime] | None = None) -> None:
+        self.origin = origin
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    @property
+    def delivered(self) -> int:
+        """Reports delivered (2xx) since this process started."""
+        return 0
+
+    def emit(
+        self,
+        state: str,
+        *,
+        target_version: str | None,
+        manifest_serial: int | None,
+        failed_state: str | None = None,
+        error: str | None = None,
+        image: str | None = None,
+        in_wave: bool | None = None,
+    ) -> dict[str, Any]:
+        """Report that the update entered ``state``; returns the event as delivered."""
+        if state not in STATES:
+            raise ValueError(f"{state!r} is not a reported state")  # our bug, not the fleet's
+        event: dict[str, Any] = {
+            "event_id": str(uuid.uuid4()),
+            "time": format_time(self._clock()),
+            "agent_id": self.origin.agent_id,
+            "state": state,
+            "version": self.origin.version,
+            "mode": self.origin.mode,
+            "platform": self.origin.platform,
+            "target_version": target_version,
+            "manifest_serial": manifest_serial,
+        }
+        optional = {
+            "failed_state": failed_state,
+            "error": clean_error(error),
+            "image": image,
+            "in_wave": in_wave,
+        }
+        event.update({k: v for k, v in optional.items() if v is not None})
+        self._deliver(event)
+        return event
+
+    @abc.abstractmethod
+    def _deliver(self, event: dict[str, Any]) -> None: ...
+
+
+class LogSink(EventSink):
+    """One log record per event: ``event`` carries the whole object for the JSON formatter."""
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        level = logging.WARNING if event["state"] in ("failed", "rolled_back") else logging.INFO
+        detail = " ".join(
+            f"{k}={event[k]}" for k in ("target_version", "failed_state", "error") if event.get(k) is not None
+        )
+        log.log(level, "update state %s %s", event["state"], detail, extra={"event": event})
+
+
+class RecordingSink(EventSink):
+    """Keeps every event, in order (tests)."""
+
+    def __init__(self, origin: Origin | None = None, clock: Callable[[], datetime] | None = None) -> None:
+        super().__init__(origin or Origin("test-agent", "0.0.0", "vm", "linux-amd64"), clock)
+        self.events: list[dict[str, Any]] = []
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    @property
+    def states(self) -> list[str]:
+        return [e["state"] for e in self.events]

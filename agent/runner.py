@@ -1,0 +1,492 @@
+"""``avika-agent run``: the long-running loop that checks, applies, watches, commits (DESIGN 4, 7).
+
+On start: take the single-instance run lock (``<state dir>/agent.lock``; a second ``run`` exits
+with ``already_running``), write the pid record (``agent.pid``), then
+:func:`agent.lifecycle.resume` (count this boot if an update is in flight, roll back if the cap
+or the deadline is passed). The first check comes after a random splay of at most
+min(``UPDATE_INTERVAL``, 60 s) -- for a new version on watch, at most the health window too, so
+the splay never delays its commit -- then every ``UPDATE_INTERVAL`` with +-10 % jitter; all of it
+derives from the config only. While watching, the loop also wakes when the health window ends.
+
+A check is :func:`agent.check.check` (conditional GET, verify, persist trust state, decide). When
+the decision is ``update`` and no update is in flight or backing off, the transaction
+(:func:`agent.lifecycle.apply_update`) runs under ``state.update_lock`` and restarts by the
+configured method. In a container, or with ``signal-only``, a new version is reported as
+``update_available`` (with the image) and the binary is never touched.
+
+Signals: SIGTERM (or SIGINT) stops cleanly: the ``stopping`` marker tells the watchdog the stop
+was on purpose, the pid record is removed. SIGHUP re-execs the target (the ``signal`` method).
+
+Logs go to stderr as text or JSON lines (``--log-format`` / ``AVIKA_LOG_FORMAT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import buildinfo, check, environment, install, lifecycle, restart
+from agent.config import AgentConfig, resolve_agent_id
+from agent.decide import NONE, REPORT, UPDATE, Decision, Host, decide
+from agent.events import EventSink, LogSink, Origin
+from agent.fetch import DownloadError, HttpFetcher
+from agent.manifest import ManifestError
+from agent.state import AgentState, LockBusy, load_state, update_lock
+
+log = logging.getLogger(__name__)
+
+RUN_LOCK_FILE = "agent.lock"
+LOG_FORMAT_ENV = "AVIKA_LOG_FORMAT"
+LOG_FORMATS = ("text", "json")
+MAX_SPLAY = 60.0
+JITTER = 0.10
+# After asking systemd to restart us, how long to wait for its SIGTERM before exec'ing ourselves.
+SYSTEMD_STOP_WAIT = 60.0
+CHECK_ERRORS = (ManifestError, DownloadError, environment.UnsupportedPlatform, OSError)
+
+
+# ---------------------------------------------------------------- logging
+
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, msg, pid, and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": record.process,
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                obj[key] = value
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+def setup_logging(log_format: str | None) -> None:
+    """Text (the CLI default) or JSON lines on stderr; ``None`` reads ``AVIKA_LOG_FORMAT``."""
+    fmt = (log_format or os.environ.get(LOG_FORMAT_ENV) or "text").lower()
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r}: must be text or json")
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+        root.setLevel(logging.INFO)
+    formatter: logging.Formatter = (
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    )
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def first_delay(interval: int, rng: random.Random) -> float:
+    """Random splay before the first check: at most min(interval, 60 s), so a fleet never polls at once."""
+    return rng.uniform(0.0, min(float(interval), MAX_SPLAY))
+
+
+def next_delay(interval: int, rng: random.Random) -> float:
+    return interval * rng.uniform(1.0 - JITTER, 1.0 + JITTER)
+
+
+# ---------------------------------------------------------------- shared with `update`
+
+
+def make_sink(config: AgentConfig, mode: str) -> EventSink:
+    """The one place the agent's event sink is chosen (the durable report queue plugs in here)."""
+    return LogSink(origin_for(config, mode))
+
+
+def origin_for(config: AgentConfig, mode: str) -> Origin:
+    agent_id = config.agent_id
+    with contextlib.suppress(OSError):
+        agent_id = resolve_agent_id(config)
+    platform = None
+    with contextlib.suppress(environment.UnsupportedPlatform):
+        platform = environment.platform_key()
+    return Origin(agent_id, buildinfo.VERSION, mode, platform)
+
+
+def effective_decision(
+    result: check.CheckResult, state: AgentState, config: AgentConfig, *, force: bool = False
+) -> Decision:
+    """The check's decision, with the lifecycle's bad-version rule and ``update --force``.
+
+    Only a crash (or an operator's rollback) blocks a (version, sha256) for good; one that missed
+    the commit deadline is retried after the back-off, so it is decided again without it.
+    ``--force`` overrides the wave only: never the signature, serial or bad-version rules.
+    """
+    decision = result.decision
+    if result.manifest is not None and decision.reason == "bad_version":
+        host = Host(
+            agent_id=result.agent_id or "",
+            current_version=result.current_version or "",
+            mode=result.mode,
+            update_mode=config.update_mode,
+            local_cap=config.rollout_percent,
+            platform=result.platform,
+        )
+        decision = decide(result.manifest, host, lifecycle.blocked_pairs(state.bad_versions))
+    if force and decision.action == NONE and decision.reason == "not_in_wave":
+        decision = Decision(UPDATE, "forced_by_hand", decision.bucket, decision.in_wave, decision.forced)
+    return decision
+
+
+def backoff_until(result: check.CheckResult, state: AgentState, now: datetime) -> datetime | None:
+    """When the next attempt at this (version, sha256) is allowed, if it is still backing off."""
+    assert result.manifest is not None and result.platform is not None
+    binary = result.manifest.binaries[result.platform]
+    if lifecycle.may_attempt(state.attempts, result.manifest.version, binary.sha256, now=now):
+        return None
+    return lifecycle.next_attempt(state.attempts, result.manifest.version, binary.sha256)
+
+
+def apply_locked(
+    config: AgentConfig,
+    result: check.CheckResult,
+    decision: Decision,
+    *,
+    sink: EventSink,
+    restart_with: Callable[[lifecycle.Pending], None],
+) -> lifecycle.Pending:
+    """The transaction under the single-update lock. ``LockBusy`` / ``UpdateInProgress`` if busy."""
+    assert result.manifest is not None and result.platform is not None
+    with update_lock(config.state_dir):
+        fetcher = HttpFetcher()
+        try:
+            return lifecycle.apply_update(
+                config,
+                result.manifest,
+                platform=result.platform,
+                manifest_url=config.manifest_url,
+                from_version=result.current_version or "",
+                fetcher=fetcher,
+                sink=sink,
+                restart=restart_with,
+                now=lambda: datetime.now(UTC),
+                in_wave=decision.in_wave,
+            )
+        finally:
+            fetcher.close()
+
+
+def report_available(sink: EventSink, result: check.CheckResult, decision: Decision) -> None:
+    """Container or signal-only: say a version is available (with the image), touch nothing."""
+    assert result.manifest is not None
+    sink.emit(
+        lifecycle.State.UPDATE_AVAILABLE.value,
+        target_version=result.manifest.version,
+        manifest_serial=result.manifest.serial,
+        image=result.manifest.container_image,
+        in_wave=decision.in_wave,
+    )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class AlreadyRunning(Exception):
+    code = "already_running"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _take_run_lock(state_dir: Path) -> int:
+    """Held for the life of ``run`` (close-on-exec: an exec'd new version takes it again)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = restart.running_agent(state_dir)
+        raise AlreadyRunning(
+            f"another agent runs with state dir {state_dir}" + (f" (pid {other['pid']})" if other else "")
+        ) from None
+    return fd
+
+
+class Runner:
+    """One ``run`` process. ``rng`` and ``clock`` are parameters so tests can pin them."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.mode = environment.detect(config.deployment_mode).mode
+        self.sink = make_sink(config, self.mode)
+        self.watch: lifecycle.Watch | None = None
+        self.wake = threading.Event()
+        self.stopping = False
+        self.reexec = False
+        self.systemd_deadline: float | None = None
+        self._last_check_error: str | None = None
+        self._last_reported: tuple[str, bool | None] | None = None
+
+    # -- signals
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        restart.write_stopping(self.config.state_dir)
+        self.stopping = True
+        self.wake.set()
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.reexec = True
+        self.wake.set()
+
+    # -- the loop
+
+    def run(self) -> int:
+        config = self.config
+        lock_fd = _take_run_lock(config.state_dir)
+        try:
+            restart.write_pid_record(
+                config.state_dir, version=buildinfo.VERSION, args=sys.argv[1:], target=config.target
+            )
+            restart.clear_stopping(config.state_dir)
+            signal.signal(signal.SIGTERM, self._on_term)
+            signal.signal(signal.SIGINT, self._on_term)
+            signal.signal(signal.SIGHUP, self._on_hup)
+            log.info(
+                "agent %s running (pid %d, mode %s, target %s, restart %s)",
+                buildinfo.VERSION,
+                os.getpid(),
+                self.mode,
+                config.target,
+                config.restart_method,
+            )
+            self._resume()
+            self._loop()
+            return 0
+        finally:
+            restart.clear_pid_record(config.state_dir)
+            os.close(lock_fd)
+            log.info("agent stopped")
+
+    def _resume(self) -> None:
+        resumed = lifecycle.resume(self.config, self.sink, now=self.clock())
+        if resumed.outcome is lifecycle.Resumed.ROLLED_BACK:
+            self._restart_restored()
+        self.watch = resumed.watch
+        if self.watch is None:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Remove what a killed transaction left next to the target, even if none ever retries."""
+        try:
+            with update_lock(self.config.state_dir):
+                install.cleanup_stale(install.resolve_target(self.config.target))
+        except (LockBusy, install.InstallError, OSError) as exc:
+            log.debug("no clean-up of stale files now: %s", exc)
+
+    def _loop(self) -> None:
+        config = self.config
+        if config.updates_disabled:
+            log.info("updates are disabled (UPDATE_MODE=%s); not checking", config.update_mode)
+            next_check = float("inf")
+        else:
+            # A new version on watch is judged by a check: spread it within the health window, so
+            # the splay never delays the commit.
+            spread = (
+                min(config.update_interval, config.health_window) if self.watch else config.update_interval
+            )
+            next_check = time.monotonic() + first_delay(spread, self.rng)
+        while not self.stopping:
+            if self.reexec:
+                self._reexec()
+            if self.systemd_deadline is not None:
+                if time.monotonic() >= self.systemd_deadline:
+                    log.error("systemd did not restart the agent; exec'ing %s", config.target)
+                    self._exec_target()
+                self._sleep(self.systemd_deadline - time.monotonic())
+                continue
+            if self.watch is not None:
+                self._evaluate_watch()
+            now = time.monotonic()
+            if now >= next_check:
+                self._check_once()
+                next_check = time.monotonic() + next_delay(config.update_interval, self.rng)
+                continue
+            timeout = next_check - now
+            if self.watch is not None:
+                commit_due = self.watch.started + config.health_window - now
+                timeout = min(timeout, max(commit_due, 0.05) if commit_due > 0 else 1.0)
+            self._sleep(timeout)
+
+    def _sleep(self, seconds: float) -> None:
+        self.wake.wait(max(0.0, min(seconds, 3600.0)))
+        self.wake.clear()
+
+    # -- watch, commit, roll back
+
+    def _evaluate_watch(self) -> None:
+        assert self.watch is not None
+        config = self.config
+        current = lifecycle.read_pending(config.state_dir, set_aside_corrupt=False)
+        if current is None or current.to_sha256 != self.watch.pending.to_sha256:
+            log.info("the update to %s was finished elsewhere; not watching", self.watch.pending.to_version)
+            self.watch = None
+            return
+        verdict = lifecycle.watch_verdict(
+            now=self.clock(),
+            deadline=self.watch.pending.deadline_time,
+            uptime=time.monotonic() - self.watch.started,
+            health_window=config.health_window,
+            fetched=self.watch.fetched or config.updates_disabled,
+            reported=not self.sink.configured or self.sink.delivered > 0,
+        )
+        if verdict is lifecycle.Verdict.COMMIT:
+            lifecycle.commit(config, self.sink, self.watch)
+            self.watch = None
+        elif verdict is lifecycle.Verdict.ROLLBACK:
+            pending, self.watch = current, None
+            restored = lifecycle.rollback(
+                config,
+                self.sink,
+                pending,
+                lifecycle.COMMIT_DEADLINE_PASSED,
+                now=self.clock(),
+                from_state=lifecycle.State.WATCHING,
+            )
+            if restored:
+                self._restart_restored()
+
+    def _restart_restored(self) -> None:
+        """The target is the old binary again: become it (or have systemd restart a sidecar)."""
+        if check.is_running_executable(self.config.target):
+            try:
+                self._exec_target()
+            except restart.RestartFailed as exc:
+                log.critical("%s; this process keeps running until restarted", exc.message)
+            return
+        try:
+            restart.systemd_restart(self.config.systemd_unit)
+        except restart.RestartFailed as exc:
+            log.error("cannot restart %s after the rollback: %s", self.config.target, exc.message)
+
+    # -- checks and updates
+
+    def _check_once(self) -> None:
+        config = self.config
+        try:
+            result = check.check(config, mode=self.mode, now=self.clock())
+        except CHECK_ERRORS as exc:
+            code = getattr(exc, "code", None) or "io_error"
+            message = getattr(exc, "message", None) or str(exc)
+            log.warning("check failed: %s: %s", code, message)
+            if code != self._last_check_error:  # report a change, not every interval of an outage
+                self.sink.emit(
+                    lifecycle.State.FAILED.value,
+                    target_version=None,
+                    manifest_serial=None,
+                    failed_state=lifecycle.State.CHECKING.value,
+                    error=f"{code}: {message}",
+                )
+            self._last_check_error = code
+            return
+        self._last_check_error = None
+        if self.watch is not None:
+            self.watch.fetched = True
+        if result.manifest is None:
+            return
+        state = load_state(config.state_dir)
+        decision = effective_decision(result, state, config)
+        log.info(
+            "check: manifest %s (serial %d): %s (%s)",
+            result.manifest.version,
+            result.manifest.serial,
+            decision.action,
+            decision.reason,
+        )
+        if decision.action == REPORT:
+            key = (result.manifest.version, decision.in_wave)
+            if key != self._last_reported:
+                report_available(self.sink, result, decision)
+                self._last_reported = key
+        elif decision.action == UPDATE:
+            self._update(result, decision, state)
+
+    def _update(self, result: check.CheckResult, decision: Decision, state: AgentState) -> None:
+        assert result.manifest is not None
+        if self.watch is not None or lifecycle.pending_path(self.config.state_dir).exists():
+            log.info("update to %s waits: an update is in flight", result.manifest.version)
+            return
+        until = backoff_until(result, state, self.clock())
+        if until is not None:
+            log.info("update to %s backs off until %s", result.manifest.version, until.isoformat())
+            return
+        try:
+            apply_locked(self.config, result, decision, sink=self.sink, restart_with=self._restart_new)
+        except (LockBusy, lifecycle.UpdateInProgress) as exc:
+            log.warning("update_in_progress: %s", exc)
+        except lifecycle.UpdateFailed as exc:
+            log.warning("update to %s failed in %s: %s", result.manifest.version, exc.state, exc)
+
+    def _restart_new(self, pending: lifecycle.Pending) -> None:
+        """Called by the transaction right after the swap, still under the update lock."""
+        config = self.config
+        if self.stopping:
+            log.info("stopping: %s runs at the next start", pending.to_version)
+            return
+        if config.restart_method == "systemd":
+            try:
+                restart.systemd_restart(config.systemd_unit)
+            except restart.RestartFailed as exc:
+                log.error("%s; exec'ing the new binary instead", exc.message)
+            else:
+                self.systemd_deadline = time.monotonic() + SYSTEMD_STOP_WAIT
+                return
+        if restart.needs_watchdog(config):
+            restart.spawn_watchdog(
+                config,
+                self.sink.origin,
+                os.getpid(),
+                restart.Launch.of_self(config.target),
+                boots_at_start=pending.boots,
+            )
+        if config.restart_method == "signal":
+            os.kill(os.getpid(), signal.SIGHUP)  # the handler re-execs, as for a SIGHUP from outside
+            return
+        self._exec_target()
+
+    def _reexec(self) -> None:
+        self.reexec = False
+        log.info("SIGHUP: re-exec %s", self.config.target)
+        try:
+            self._exec_target()
+        except restart.RestartFailed as exc:
+            log.error("%s; still running", exc.message)
+
+    def _exec_target(self) -> None:
+        restart.exec_target(self.config.target, sys.argv[1:])

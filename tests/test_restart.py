@@ -1,0 +1,356 @@
+"""Restart methods and the watchdog, with real processes (DESIGN section 4).
+
+- ``systemd``: a recording ``systemctl`` stand-in first on PATH proves the calls (``reset-failed``,
+  then ``restart UNIT``); one stand-in also behaves like systemd (SIGTERM the agent, start the
+  target again) so the whole systemd path runs. The unit files pass ``systemd-analyze verify``.
+- ``signal``: the agent re-execs on SIGHUP (same PID); ``update`` by hand signals the running agent
+  or leaves the new binary for the next start.
+- the watchdog: restarts an agent killed before commit and counts each start exactly once, rolls
+  back past the cap and starts the old version, stands down on commit and on SIGTERM, and holds
+  no inherited descriptor (no flock, no socket) -- checked in /proc/<watchdog>/fd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent import restart
+from tests.agent_harness import Host, alive, dev_binary, keys_of, site, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "packaging" / "systemd"
+
+pytestmark = pytest.mark.slow
+
+
+def recording_systemctl(
+    directory: Path, record: Path, *, act: bool = False, host: Host | None = None
+) -> Path:
+    """A ``systemctl`` that appends its argv to ``record``; with ``act``, restarts like systemd."""
+    directory.mkdir(parents=True, exist_ok=True)
+    body = f'printf "%s\\n" "$*" >> {record}\n'
+    if act:
+        assert host is not None
+        # systemd's restart: SIGTERM the unit's main process, wait for it, start ExecStart again.
+        body += textwrap.dedent(
+            f"""\
+            case "$*" in *" restart "*|"restart "*)
+              pid=$(sed -n 's/.*"pid": \\([0-9]*\\).*/\\1/p' {host.state_dir}/agent.pid)
+              (
+                kill -TERM "$pid"
+                while [ -d /proc/$pid ] && [ "$(cut -d' ' -f3 /proc/$pid/stat)" != Z ]; do sleep 0.05; done
+                exec setsid {host.target} run --config {host.config} >> {host.log_path} 2>&1 < /dev/null
+              ) > /dev/null 2>&1 &
+            ;; esac
+            """
+        )
+    path = directory / "systemctl"
+    path.write_text("#!/bin/sh\n" + body + "exit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+def path_with(directory: Path) -> str:
+    return f"{directory}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def test_systemd_restart_resets_failed_then_restarts_the_unit(tmp_path, monkeypatch):
+    record = tmp_path / "calls"
+    recording_systemctl(tmp_path / "bin", record)
+    monkeypatch.setenv("PATH", path_with(tmp_path / "bin"))
+    restart.systemd_restart("avika-agent")
+    assert record.read_text().splitlines() == ["reset-failed avika-agent", "--no-block restart avika-agent"]
+
+
+def test_systemd_restart_failure_is_a_named_error(tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    failing = tmp_path / "bin" / "systemctl"
+    failing.write_text("#!/bin/sh\necho 'Unit avika-agent.service not found.' >&2\nexit 5\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("PATH", path_with(tmp_path / "bin"))
+    with pytest.raises(restart.RestartFailed) as caught:
+        restart.systemd_restart("avika-agent")
+    assert caught.value.code == "restart_failed" and "not found" in caught.value.message
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(restart.RestartFailed, match="not on PATH"):
+        restart.systemd_restart("avika-agent")
+
+
+def test_systemd_method_end_to_end_with_a_systemd_stand_in(tmp_path):
+    """The agent swaps, asks systemctl (reset-failed, restart); "systemd" stops it with SIGTERM and
+    starts the target again, which counts its boot and commits. No watchdog under this method."""
+    with site() as s:
+        host = Host(tmp_path / "h", s.url)
+        keys = keys_of(s.signer)
+        host.install("1.0.0", keys)
+        new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys)
+        record = tmp_path / "calls"
+        recording_systemctl(tmp_path / "sbin", record, act=True, host=host)
+        host.env_extra.update(UPDATE_RESTART_METHOD="systemd", PATH=path_with(tmp_path / "sbin"))
+        s.release("1.1.0", new)
+        first = host.start()
+        try:
+            wait_for(lambda: host.converged(new), 30, "the systemd-restarted agent to commit")
+            assert record.read_text().splitlines() == [
+                "reset-failed avika-agent",
+                "--no-block restart avika-agent",
+            ]
+            assert first.wait(timeout=10) == 0  # the old process stopped cleanly on SIGTERM
+            assert host.agent_record()["pid"] != first.pid
+            stopped = [line for line in host.log_lines() if line["msg"] == "agent stopped"]
+            assert stopped[0]["pid"] == first.pid
+            assert "watchdog pid" not in host.log_text()
+            assert host.chain("1.1.0")[-2:] == ["watching", "committed"]
+        finally:
+            host.kill_all()
+
+
+def unit_text(name: str) -> str:
+    return (UNITS / name).read_text()
+
+
+def test_unit_pair_declares_start_limits_and_the_rollback_unit():
+    agent = unit_text("avika-agent.service")
+    for line in (
+        "MemoryMax=64M",
+        "Restart=on-failure",
+        "OnFailure=avika-agent-rollback.service",
+        "Environment=UPDATE_RESTART_METHOD=systemd",
+        "Environment=SHIV_ROOT=/var/lib/avika-agent/shiv",
+    ):
+        assert re.search(rf"^{re.escape(line)}$", agent, re.M), line
+    assert re.search(r"^StartLimitIntervalSec=\d+", agent, re.M) and re.search(
+        r"^StartLimitBurst=\d+", agent, re.M
+    )
+    rollback = unit_text("avika-agent-rollback.service")
+    assert re.search(r"^Type=oneshot$", rollback, re.M)
+    assert re.search(r"^ExecStart=/usr/local/bin/avika-agent\.backup rollback\b", rollback, re.M)
+    assert re.search(r"^ConditionPathExists=/usr/local/bin/avika-agent\.backup$", rollback, re.M)
+    assert re.search(r"^ConditionPathExists=/var/lib/avika-agent/pending\.json$", rollback, re.M)
+
+
+def verify_units(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(p) for p in sorted(directory.glob("*.service")))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_unit_files_pass_systemd_analyze_verify(tmp_path):
+    """The shipped units, with ExecStart pointed at a real executable (the binaries are not
+    installed here); a deliberately broken copy must be flagged, so the check is not vacuous."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    stand_in = tmp_path / "avika-agent"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    good = tmp_path / "units"
+    good.mkdir()
+    for unit in UNITS.glob("*.service"):
+        text = unit.read_text().replace("/usr/local/bin/avika-agent.backup ", f"{stand_in} ")
+        (good / unit.name).write_text(text.replace("/usr/local/bin/avika-agent ", f"{stand_in} "))
+    done = verify_units(good)
+    assert done.returncode == 0 and done.stdout.strip() == "" and done.stderr.strip() == "", done
+
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    text = (broken / "avika-agent.service").read_text().replace("Restart=on-failure", "Restart=sometimes")
+    (broken / "avika-agent.service").write_text(text)
+    assert "restart specifier" in verify_units(broken).stderr
+
+
+# ---------------------------------------------------------------- signal
+
+
+def test_signal_method_re_execs_the_same_process(tmp_path):
+    with site() as s:
+        host = Host(tmp_path / "h", s.url, {"UPDATE_RESTART_METHOD": "signal"})
+        keys = keys_of(s.signer)
+        host.install("1.0.0", keys)
+        new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys)
+        s.release("1.1.0", new)
+        proc = host.start()
+        try:
+            wait_for(lambda: host.converged(new), 30, "commit after SIGHUP re-exec")
+            assert host.agent_record()["pid"] == proc.pid
+            assert "SIGHUP: re-exec" in host.log_text()
+        finally:
+            host.kill_all()
+
+
+def test_update_by_hand_signals_the_running_agent(tmp_path):
+    with site() as s:
+        host = Host(tmp_path / "h", s.url, {"UPDATE_INTERVAL": "1h"})  # the timer stays out of the way
+        keys = keys_of(s.signer)
+        host.install("1.0.0", keys)
+        new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys)
+        proc = host.start()
+        try:
+            wait_for(lambda: host.running_version() == "1.0.0", 15, "the old agent to run")
+            s.release("1.1.0", new)
+            done = host.cli("update")
+            assert done.returncode == 0, done
+            assert '"restart": "signalled"' in done.stdout
+            wait_for(lambda: host.converged(new), 30, "the signalled agent to commit")
+            assert host.agent_record()["pid"] == proc.pid
+        finally:
+            host.kill_all()
+
+
+def test_update_by_hand_without_a_running_agent_leaves_the_binary_for_the_next_start(tmp_path):
+    with site() as s:
+        host = Host(tmp_path / "h", s.url)
+        keys = keys_of(s.signer)
+        host.install("1.0.0", keys)
+        new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys)
+        s.release("1.1.0", new)
+        done = host.cli("update")
+        assert done.returncode == 0 and '"restart": "deferred"' in done.stdout, done
+        assert host.target.read_bytes() == new and host.pending()["boots"] == 0
+        host.start()
+        try:
+            wait_for(lambda: host.converged(new), 30, "the next start to commit")
+            assert host.chain("1.1.0")[-2:] == ["watching", "committed"]
+        finally:
+            host.kill_all()
+
+
+# ---------------------------------------------------------------- the watchdog
+
+
+def watched_update(tmp_path: Path, s, *, variant: str = "ok", **env: str) -> tuple[Host, bytes, bytes]:
+    host = Host(tmp_path / "h", s.url, env)
+    keys = keys_of(s.signer)
+    old = host.install("1.0.0", keys)
+    new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys, variant)
+    s.release("1.1.0", new)
+    return host, old, new
+
+
+def test_watchdog_restarts_an_agent_killed_before_commit_and_counts_each_start_once(tmp_path):
+    with site() as s:
+        host, _, new = watched_update(tmp_path, s, UPDATE_HEALTH_WINDOW="30s", UPDATE_MAX_BOOT_ATTEMPTS="5")
+        proc = host.start()
+        try:
+            wait_for(lambda: (host.pending() or {}).get("boots") == 1, 30, "the new version's first boot")
+            watchdog = wait_for(host.watchdog_pid, 10, "the watchdog")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+            # The killed start had counted itself (boots 1); the restart counts itself: 2, not 3.
+            record = wait_for(
+                lambda: host.agent_record() if (host.pending() or {}).get("boots") == 2 else None,
+                30,
+                "a restarted agent",
+            )
+            assert record["pid"] != proc.pid and record["version"] == "1.1.0"
+            assert host.watchdog_pid() == watchdog and host.target.read_bytes() == new
+            assert f"agent pid {proc.pid} died before commit (boot 1 of 5)" in host.log_text()
+        finally:
+            host.kill_all()
+
+
+def test_watchdog_counts_starts_that_die_before_our_code_and_rolls_back_past_the_cap(tmp_path):
+    with site() as s:
+        host, old, _ = watched_update(tmp_path, s, variant="segfault")
+        host.start()
+        try:
+            wait_for(lambda: host.running_version() == "1.0.0" and host.pending() is None and
+                     host.state().get("last_result") == "rolled_back", 30, "the rollback")  # fmt: skip
+            assert host.target.read_bytes() == old
+            text = host.log_text()
+            for boot in (1, 2, 3):
+                assert f"died before commit (boot {boot} of 3)" in text
+            assert "boot 4 of 3" not in text
+            bad = host.state()["bad_versions"]
+            assert [(b["version"], b["reason"]) for b in bad] == [("1.1.0", "too_many_boots")]
+            wait_for(lambda: host.watchdog_pid() is None, 10, "the watchdog to exit")
+        finally:
+            host.kill_all()
+
+
+def test_watchdog_stands_down_when_the_update_commits(tmp_path):
+    with site() as s:
+        host, _, new = watched_update(tmp_path, s)
+        host.start()
+        try:
+            watchdog = wait_for(host.watchdog_pid, 20, "the watchdog")
+            wait_for(lambda: host.converged(new), 30, "the commit")
+            wait_for(lambda: not alive(watchdog), 5, "the watchdog to stand down")
+            assert not (host.state_dir / "watchdog.pid").exists()
+            assert "no update pending any more" in host.log_text()
+        finally:
+            host.kill_all()
+
+
+def test_watchdog_stands_down_when_the_agent_is_stopped_on_purpose(tmp_path):
+    with site() as s:
+        host, _, _ = watched_update(tmp_path, s, UPDATE_HEALTH_WINDOW="30s")
+        proc = host.start()
+        try:
+            wait_for(lambda: (host.pending() or {}).get("boots") == 1, 30, "the new version's first boot")
+            watchdog = wait_for(host.watchdog_pid, 10, "the watchdog")
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+            wait_for(lambda: not alive(watchdog), 5, "the watchdog to stand down")
+            assert host.processes() == []  # nothing restarted the agent
+            assert host.pending()["boots"] == 1  # the clean stop is not a counted crash
+            assert "stopped on purpose" in host.log_text()
+            assert not (host.state_dir / "agent.pid").exists()
+        finally:
+            host.kill_all()
+
+
+def test_watchdog_holds_no_inherited_descriptor(tmp_path):
+    with site() as s:
+        host, _, _ = watched_update(tmp_path, s, UPDATE_HEALTH_WINDOW="30s")
+        host.start()
+        try:
+            watchdog = wait_for(host.watchdog_pid, 30, "the watchdog")
+            fds = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{watchdog}/fd").iterdir()}
+            extra = {fd: what for fd, what in fds.items() if fd > 2}
+            assert list(extra.values()) in (["anon_inode:[pidfd]"], []), fds  # [] on a kernel without pidfd
+            locks = Path("/proc/locks").read_text()
+            assert not re.search(rf"\bFLOCK\s+\S+\s+\S+\s+{watchdog}\b", locks)
+            # the update lock is free while the watchdog lives
+            fd = os.open(host.state_dir / "update.lock", os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+            agent = host.agent_record()["pid"]
+            assert os.getsid(watchdog) not in (os.getsid(agent), watchdog)  # own session, not its leader
+            assert int(restart_ppid(watchdog)) != agent  # never the agent's child
+        finally:
+            host.kill_all()
+
+
+def restart_ppid(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()[1]
+
+
+def test_a_zombie_is_dead(tmp_path):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_for(lambda: restart.proc_stat(pid) and restart.proc_stat(pid)[0] == "Z", 5, "the zombie")
+        assert not restart.pid_alive(pid)
+        assert restart.pid_alive(os.getpid())
+    finally:
+        os.waitpid(pid, 0)
+    assert not restart.pid_alive(pid)
