@@ -21,6 +21,7 @@ import click
 from agent.manifest import Manifest, ManifestError, Signer, format_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import valid_agent_id
+from publisher import fleet as fleet_view
 from publisher import release as publishing
 from publisher.errors import PublishError
 from publisher.options import (
@@ -95,7 +96,14 @@ def _publishing(
             _note("--cloudfront-distribution is ignored for a file store (nothing to invalidate)")
         if endpoint_url:
             _note("--endpoint-url is ignored for a file store")
-    return target, signers, None
+        return target, signers, None
+    if not cloudfront_distribution:
+        return target, signers, None
+    from publisher.cdn import CloudFrontInvalidator  # boto3 only for commands that use AWS
+    from publisher.s3store import S3Store
+
+    prefix = target.prefix if isinstance(target, S3Store) else ""
+    return target, signers, CloudFrontInvalidator(cloudfront_distribution, prefix, note=_note)
 
 
 def _summary(manifest: Manifest) -> list[str]:
@@ -351,6 +359,90 @@ def enroll(agent_id: str, as_json: bool) -> None:
         _print_json({"agent_id": agent_id, "token": token})
     else:
         click.echo(token)
+
+
+@main.command()
+@reports_option
+@json_option
+def fleet(reports: str | None, as_json: bool) -> None:
+    """Agents, versions and states from the reports store; who has an update available."""
+    store = fleet_view.open_reports(reports)
+    try:
+        view = fleet_view.fleet_view(fleet_view.read_agents(store))
+    finally:
+        store.close()
+    if as_json:
+        _print_json(view)
+    else:
+        click.echo(fleet_view.format_fleet(view), nl=False)
+
+
+@main.command()
+@click.argument("version")
+@reports_option
+@click.option(
+    "--max-failure-rate",
+    type=click.FloatRange(0, 1),
+    required=True,
+    metavar="R",
+    help="Highest healthy share of ended attempts that failed or rolled back (0.05 = 5 %).",
+)
+@click.option(
+    "--min-agents",
+    type=click.IntRange(min=1),
+    required=True,
+    metavar="N",
+    help="Ended attempts needed for a verdict; fewer is a hold (exit 4), never a pass.",
+)
+@click.option("--halt", "halt_rollout", is_flag=True, help="Over the threshold: re-sign at rollout 0.")
+@expires_option
+@resign_options
+def canary(
+    version: str,
+    reports: str | None,
+    max_failure_rate: float,
+    min_agents: int,
+    halt_rollout: bool,
+    expires_in: Any,
+    public_keys: list,
+    dry_run: bool,
+    as_json: bool,
+    **signing: Any,
+) -> None:
+    """Judge VERSION's rollout from reports: exit 0 healthy, 4 hold (too few), 5 over the threshold."""
+    if halt_rollout and not dry_run and not (signing["key_files"] or signing["kms_key_ids"]):
+        raise click.UsageError("--halt re-signs the manifest: pass --key KEY or --kms-key-id ID")
+    version = fleet_view.canonical_version(version)
+    store = fleet_view.open_reports(reports)
+    try:
+        outcomes = fleet_view.read_outcomes(store, version)
+    finally:
+        store.close()
+    report = fleet_view.evaluate_canary(
+        version, outcomes, max_failure_rate=max_failure_rate, min_agents=min_agents
+    )
+    refused: PublishError | None = None
+    if halt_rollout and report.exit_code == fleet_view.EXIT_FAIL:
+        target, signers, invalidate = _publishing(dry_run, **signing)
+        try:
+            report.halt = fleet_view.halt(
+                target,
+                signers,
+                version,
+                expires_in=expires_in,
+                trusted=public_keys,
+                dry_run=dry_run,
+                invalidate=invalidate,
+            )
+        except PublishError as exc:
+            refused = exc
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        click.echo(fleet_view.format_canary(report), nl=False)
+    if refused is not None:
+        raise refused
+    raise click.exceptions.Exit(report.exit_code)
 
 
 @main.command()

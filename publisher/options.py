@@ -67,7 +67,7 @@ store_option = click.option(
     default="./updates",
     show_default=True,
     metavar="URL",
-    help="Where releases are published: file:///abs/path or a directory (env AVIKA_STORE).",
+    help="Where releases go: s3://bucket/prefix, file:///abs/path or a directory (env AVIKA_STORE).",
 )
 url_option = click.option(
     "--url",

@@ -415,11 +415,13 @@ class HttpReader(Reader):
 
 
 def open_store(url: str, *, endpoint_url: str | None = None) -> Store:
-    """``file:///absolute/path`` or a plain path (``s3://bucket/prefix`` comes with the S3 store)."""
+    """``s3://bucket/prefix`` (``publisher.s3store``), ``file:///absolute/path`` or a plain path."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "s3":
-        raise Refused(f"store {url!r}: s3:// stores are not supported yet; use file:///PATH or a directory")
+        from publisher.s3store import S3Store  # boto3 only for commands that use S3
+
+        return S3Store.from_url(url, endpoint_url=endpoint_url)
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise Refused(f"store {url!r}: a file URL must be file:///absolute/path")

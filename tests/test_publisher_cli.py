@@ -153,7 +153,7 @@ def test_a_file_store_ignores_cloudfront_with_a_note(env: dict) -> None:
         (["--expires-in", "10x"], "not a duration"),
         (["--binary", "no-equals-sign"], "PLATFORM=PATH"),
         (["--binary", "linux-amd64=/nonexistent"], "platform 'linux-amd64' given twice"),
-        (["--store", "s3://bucket/prefix"], "not supported yet"),
+        (["--store", "s3:///prefix"], "no bucket"),
         (["--changelog", "a", "--changelog-file", __file__], "not both"),
     ],
     ids=["min-version", "rollout", "expires", "binary-spec", "binary-twice", "s3", "changelog"],
