@@ -8,8 +8,10 @@ restarted from 0 when the server ignores Range.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -412,3 +414,27 @@ def test_errors_carry_codes() -> None:
     codes = {cls.code for cls in (FetchFailed, SizeExceeded, SizeMismatch, Truncated, ChecksumMismatch)}
     assert codes == {"fetch_failed", "size_exceeded", "size_mismatch", "truncated", "checksum_mismatch"}
     assert all(issubclass(cls, DownloadError) for cls in (FetchFailed, SizeExceeded, Truncated))
+
+
+# ---------------------------------------------------------------- pipelined hashing
+
+
+def test_pipelined_hasher_digest_covers_exactly_the_bytes_given() -> None:
+    chunks = [os.urandom(n) for n in (1, 4096, 262144, 7, 1 << 20, 0, 3)]
+    hasher = fetch.PipelinedHasher()
+    for chunk in chunks:
+        hasher.update(chunk)
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    with pytest.raises(RuntimeError):
+        hasher.update(b"late")
+
+
+def test_a_failed_download_leaves_no_hashing_thread_behind(tmp_path: Path) -> None:
+    class Fixed(fetch.Fetcher):
+        def _fetch(self, url: str, headers: Mapping[str, str]) -> fetch.Response:
+            return fetch.Response(status=200, headers={"content-length": "8"}, chunks=[b"abcd", b"efgh"])
+
+    before = {t.ident for t in threading.enumerate()}
+    with open(tmp_path / "f", "wb+") as fh, pytest.raises(fetch.ChecksumMismatch):
+        Fixed().download("http://127.0.0.1/x", fh, 8, "0" * 64)
+    assert [t for t in threading.enumerate() if t.ident not in before and t.name == "sha256"] == []
