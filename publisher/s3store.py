@@ -56,6 +56,7 @@ from publisher.stores import (
     StoreError,
     Versioned,
     _http_chunks,
+    check_key,
     object_headers,
 )
 
@@ -132,19 +133,6 @@ def _b64_sha256(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 
 
-def _check_key(key: str) -> str:
-    """The rules ``DirStore.path`` applies, so a key is valid in every store or in none."""
-    parts = key.split("/")
-    if (
-        not key
-        or "\x00" in key
-        or "\\" in key
-        or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
-    ):
-        raise StoreError(f"invalid store key {key!r}")
-    return key
-
-
 def _report(progress: Progress | None, size: int) -> None:
     """Tell the progress callback about ``size`` bytes in steps of at most ``CHUNK``."""
     if progress is None:
@@ -170,7 +158,7 @@ class S3Store(Store):
         prefix = prefix.strip("/")
         if prefix:
             try:
-                _check_key(prefix)
+                check_key(prefix)
             except StoreError:
                 raise Refused(f"store s3://{bucket}/{prefix}: invalid prefix {prefix!r}") from None
         self.bucket = bucket
@@ -201,7 +189,7 @@ class S3Store(Store):
 
     def name(self, key: str) -> str:
         """The S3 object key of a store key."""
-        _check_key(key)
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, operation: str, name: str, exc: BaseException) -> StoreError:

@@ -74,6 +74,19 @@ class Conflict(StoreError):
 # ---------------------------------------------------------------- layout
 
 
+def check_key(key: str) -> str:
+    """A store key: '/'-separated names, none empty, hidden, '.' or '..'; valid in every store or none."""
+    parts = key.split("/")
+    if (
+        not key
+        or "\x00" in key
+        or "\\" in key
+        or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
+    ):
+        raise StoreError(f"invalid store key {key!r}")
+    return key
+
+
 def object_headers(key: str) -> tuple[str, str]:
     """(Content-Type, Cache-Control) of a key, per the layout table in DESIGN section 2."""
     if key == MANIFEST_KEY:
@@ -208,15 +221,7 @@ class DirStore(Store):
         self.location = f"file://{self.root}"
 
     def path(self, key: str) -> Path:
-        parts = key.split("/")
-        if (
-            not key
-            or "\x00" in key
-            or "\\" in key
-            or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
-        ):
-            raise StoreError(f"invalid store key {key!r}")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*check_key(key).split("/"))
 
     def read(self, key: str) -> bytes | None:
         try:
