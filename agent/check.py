@@ -9,10 +9,15 @@ One check, step by step (python-tuf's updater shape):
    accepted so far, the platform on a VM);
 4. only after every check passed: cache the envelope + ETag and persist the new highest serial and
    its digest (one atomic ``state.json`` write);
-5. decide with :func:`agent.decide.decide`.
+5. decide with :func:`agent.decide.decide`; the versions it must not install are
+   :func:`agent.lifecycle.blocked_pairs` at ``now`` (a crash for good, a missed commit deadline
+   until its back-off ends).
 
 Every check, passed or refused, records ``last_check``, ``last_result`` and ``last_error``
 (``{"code", "message", "state"}``) in ``state.json``; a refusal leaves the trust state as it was.
+Steps 3-5 run in one :func:`agent.state.state_transaction`, verified against the trust state as it
+is then, so a concurrent ``update`` or ``run`` loses nothing; the fetch comes before it, so the
+state lock is never held across the network.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion
 
-from agent import buildinfo, environment
+from agent import buildinfo, environment, lifecycle
 from agent.config import AgentConfig, resolve_agent_id
 from agent.decide import NONE, Decision, Host, decide
 from agent.fetch import DownloadError, Fetcher, FetchFailed, HttpFetcher
@@ -45,8 +50,7 @@ from agent.state import (
     CACHED_ENVELOPE,
     CACHED_ETAG,
     AgentState,
-    load_state,
-    save_state,
+    state_transaction,
     write_bytes_atomic,
     write_text_atomic,
 )
@@ -164,15 +168,6 @@ def save_cache(state_dir: Path, envelope: bytes, etag: str | None) -> None:
 # ---------------------------------------------------------------- the workflow
 
 
-def bad_version_pairs(state: AgentState) -> set[tuple[str, str]]:
-    """``state.bad_versions`` entries as the (version, sha256) pairs :func:`decide` takes."""
-    return {
-        (entry["version"], entry["sha256"])
-        for entry in state.bad_versions
-        if isinstance(entry, dict) and isinstance(entry.get("version"), str) and "sha256" in entry
-    }
-
-
 def _platform(mode: str) -> str | None:
     """The manifest key for this host; a container agent may run on anything."""
     if mode == "vm":
@@ -183,17 +178,28 @@ def _platform(mode: str) -> str | None:
         return None
 
 
-def fetch_and_verify(
-    config: AgentConfig, fetcher: Fetcher, state: AgentState, *, now: datetime, platform: str | None
-) -> tuple[Manifest, int]:
-    """Steps 2-4 of the module docstring. Raises ``FetchFailed`` or ``ManifestError``."""
+def fetch(config: AgentConfig, fetcher: Fetcher) -> tuple[int, bytes, str | None]:
+    """Step 2: (status, envelope to verify, ETag). Raises ``DownloadError`` or ``TooLarge``."""
     url = config.manifest_url
     cached, cached_etag = load_cache(config.state_dir)
     status, body, etag = fetcher.get_manifest(url, cached_etag if cached is not None else None)
     if status == 304:
         if cached is None:
             raise FetchFailed(f"{url}: HTTP 304 but no manifest is cached")
-        body = cached
+        return status, cached, cached_etag
+    return status, body, etag
+
+
+def verify_and_record(
+    config: AgentConfig,
+    state: AgentState,
+    fetched: tuple[int, bytes, str | None],
+    *,
+    now: datetime,
+    platform: str | None,
+) -> Manifest:
+    """Steps 3-4, inside the caller's state transaction. Raises ``ManifestError``."""
+    status, body, etag = fetched
     manifest = verify_manifest(
         body,
         trusted=config.public_keys,
@@ -207,7 +213,12 @@ def fetch_and_verify(
     state.highest_serial = manifest.serial
     state.highest_digest = manifest.digest
     log.info("manifest serial %d (version %s) verified (HTTP %d)", manifest.serial, manifest.version, status)
-    return manifest, status
+    return manifest
+
+
+def _record_error(state: AgentState, exc: ManifestError | DownloadError) -> None:
+    state.last_result = "error"
+    state.last_error = {"code": exc.code, "message": exc.message, "state": CHECKING}
 
 
 def check(
@@ -216,10 +227,13 @@ def check(
     fetcher: Fetcher | None = None,
     now: datetime | None = None,
     mode: str | None = None,
+    ignore_backoff: bool = False,
 ) -> CheckResult:
     """One check. Raises ``ManifestError`` (refused), ``DownloadError`` (network) or ``OSError``.
 
     ``mode`` defaults to :func:`agent.environment.detect` with ``DEPLOYMENT_MODE`` as override.
+    ``ignore_backoff`` (``update --force``): a version that only missed its commit deadline is
+    not blocked while it backs off (a crashed one always is).
     """
     now = now or datetime.now(UTC)
     mode = mode or environment.detect(config.deployment_mode).mode
@@ -232,18 +246,14 @@ def check(
     platform = _platform(mode)
     agent_id = resolve_agent_id(config)
     version = current_version(config)
-    state = load_state(config.state_dir)
-    state.last_check = format_time(now)
     own_fetcher = fetcher is None
     fetcher = fetcher or HttpFetcher()
     try:
-        manifest, status = fetch_and_verify(
-            config, fetcher, state, now=now, platform=platform if mode == "vm" else None
-        )
-    except (ManifestError, DownloadError) as exc:
-        state.last_result = "error"
-        state.last_error = {"code": exc.code, "message": exc.message, "state": CHECKING}
-        save_state(config.state_dir, state)
+        fetched = fetch(config, fetcher)
+    except (ManifestError, DownloadError) as exc:  # too_large is found while fetching
+        with state_transaction(config.state_dir) as state:
+            state.last_check = format_time(now)
+            _record_error(state, exc)
         raise
     finally:
         if own_fetcher:
@@ -256,8 +266,21 @@ def check(
         local_cap=config.rollout_percent,
         platform=platform,
     )
-    decision = decide(manifest, host, bad_version_pairs(state))
-    state.last_result = decision.action
-    state.last_error = None
-    save_state(config.state_dir, state)
-    return CheckResult(version, mode, agent_id, decision, platform, manifest, status)
+    refused: ManifestError | None = None
+    with state_transaction(config.state_dir) as state:
+        state.last_check = format_time(now)
+        try:
+            manifest = verify_and_record(
+                config, state, fetched, now=now, platform=platform if mode == "vm" else None
+            )
+        except ManifestError as exc:
+            _record_error(state, exc)  # recorded (the transaction saves it), then raised
+            refused = exc
+        else:
+            blocked = lifecycle.blocked_pairs(state, now=now, ignore_backoff=ignore_backoff)
+            decision = decide(manifest, host, blocked)
+            state.last_result = decision.action
+            state.last_error = None
+    if refused is not None:
+        raise refused
+    return CheckResult(version, mode, agent_id, decision, platform, manifest, fetched[0])

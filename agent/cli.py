@@ -1,9 +1,10 @@
 """``avika-agent``: the agent's command line (DESIGN section 7, contract).
 
 Commands are thin: load the config, call one workflow module, print, map the error to an exit
-code once (:func:`exit_code_for`). Exit codes as the publisher's: 0 ok, 1 operational failure
-(network, disk), 2 usage or invalid config, 3 verification failed. Logs go to stderr; stdout
-carries only the command's output.
+code once (:func:`agent.options.exit_code_for`). Exit codes as the publisher's: 0 ok, 1 operational
+failure (network, disk), 2 usage or invalid config, 3 verification failed. Logs go to stderr;
+stdout carries only the command's output. The shared options live in :mod:`agent.options`; the
+update commands in :mod:`agent.commands`.
 
 Every module the agent needs is imported here, at start-up: a running agent's own file is
 replaced during an update, so nothing may be imported lazily afterwards (DESIGN section 4).
@@ -11,60 +12,18 @@ replaced during an update, so nothing may be imported lazily afterwards (DESIGN 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
 
 import click
 
-from agent import buildinfo, check, config, environment, fetch, manifest
+from agent import buildinfo, check, commands, config, environment, fetch, manifest
+from agent.options import config_option, fail, load_config, print_json
 
 log = logging.getLogger("agent")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_VERIFY = 0, 1, 2, 3
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """The one mapping from error class to exit code."""
-    if isinstance(exc, config.ConfigError):
-        return EXIT_USAGE
-    if isinstance(exc, manifest.ManifestError):
-        return EXIT_VERIFY
-    return EXIT_FAILURE
-
-
-def error_code_for(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if isinstance(code, str):
-        return code
-    return "io_error" if isinstance(exc, OSError) else "internal_error"
-
-
-def print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj))
-
-
-def fail(exc: BaseException, *, json_error: bool) -> NoReturn:
-    """Report ``exc`` on stderr (and as ``{"error", "message"}`` on stdout) and exit."""
-    message = getattr(exc, "message", None) or str(exc)
-    if isinstance(exc, config.ConfigError):
-        click.echo(f"avika-agent: invalid config: {message}", err=True)
-    else:
-        log.error("%s: %s", error_code_for(exc), message)
-    if json_error:
-        print_json({"error": error_code_for(exc), "message": message})
-    sys.exit(exit_code_for(exc))
-
-
-def load_config(path: Path | None, *, json_error: bool = False) -> config.AgentConfig:
-    try:
-        return config.load(path)
-    except config.ConfigError as exc:
-        fail(exc, json_error=json_error)
 
 
 def deployment_override(path: Path | None) -> str | None:
@@ -97,16 +56,6 @@ def setup_logging(level: int) -> None:
     root.setLevel(level)
     if not any(isinstance(h, StderrHandler) for h in root.handlers):
         root.addHandler(StderrHandler())
-
-
-config_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help=f"Config file (default {config.DEFAULT_CONFIG_PATH}; a missing default file means defaults "
-    "+ environment, a missing explicit file is an error).",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,9 +103,6 @@ def check_command(config_path: Path | None) -> None:
         fail(exc, json_error=True)
     print_json(result.to_dict())
 
-
-# The update commands live in agent/commands.py, which takes this module's shared options.
-from agent import commands  # noqa: E402
 
 main.add_command(commands.run_command)
 main.add_command(commands.update_command)

@@ -1,12 +1,13 @@
 """``run``, ``update [--force]``, ``rollback`` and ``status [--json]`` (DESIGN section 7, contract).
 
 Thin click commands over :mod:`agent.runner` and :mod:`agent.lifecycle`; :mod:`agent.cli`
-registers them on its group and maps errors to exit codes (0 ok, 1 operational, 2 usage or
-config, 3 verification). ``update`` and ``rollback`` print one JSON object on stdout; ``status``
-reads only the state dir, so it works while ``run`` is running.
+registers them on its group; errors map to exit codes in :mod:`agent.options` (0 ok, 1
+operational, 2 usage or config, 3 verification). ``update`` and ``rollback`` print one JSON object
+on stdout; ``status`` reads only the state dir, so it works while ``run`` is running.
 
-Import :mod:`agent.cli` (the entry point), not this module first: cli registers these commands
-and this module takes cli's shared options.
+``update`` and ``rollback`` report through the durable queue (:func:`agent.runner.make_sink`)
+and send what is queued before they exit (:data:`FLUSH_TIMEOUT` at most; the rest stays queued
+for the running agent or the next start).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from typing import Any
 import click
 
 from agent import buildinfo, check, environment, install, lifecycle, restart, runner
-from agent.cli import config_option, fail, load_config, print_json
 from agent.config import AgentConfig
-from agent.decide import REPORT, UPDATE
+from agent.decide import REPORT, UPDATE, Decision
 from agent.events import EventSink
+from agent.options import config_option, fail, load_config, print_json
 from agent.state import LockBusy, load_state, update_lock
 
 log = logging.getLogger(__name__)
+
+# How long a one-shot command waits for its reports to be delivered before it exits.
+FLUSH_TIMEOUT = 10.0
 
 log_format_option = click.option(
     "--log-format",
@@ -77,25 +81,41 @@ def update_command(config_path: Path | None, log_format: str | None, force: bool
     cfg = load_config(config_path, json_error=True)
     mode = environment.detect(cfg.deployment_mode).mode
     try:
-        result = check.check(cfg, mode=mode)
+        result = check.check(cfg, mode=mode, ignore_backoff=force)
     except runner.CHECK_ERRORS as exc:
         fail(exc, json_error=True)
     out: dict[str, Any] = result.to_dict()
     if result.manifest is None:
         print_json(out)
         return
-    decision = runner.effective_decision(result, load_state(cfg.state_dir), cfg, force=force)
+    decision = runner.effective_decision(result, force=force)
     out.update(action=decision.action, reason=decision.reason)
     sink = runner.make_sink(cfg, mode)
+    sink.set_manifest_reports_url(result.manifest.reports_url)
+    try:
+        _update(cfg, sink, result, decision, out, force=force)
+    finally:  # also on the way out through fail(): the events of a failed attempt go too
+        sink.flush(timeout=FLUSH_TIMEOUT)
+    print_json(out)
+
+
+def _update(
+    cfg: AgentConfig,
+    sink: EventSink,
+    result: check.CheckResult,
+    decision: Decision,
+    out: dict[str, Any],
+    *,
+    force: bool,
+) -> None:
+    """What ``update`` does about the decision; fills ``out`` (or exits through :func:`fail`)."""
     if decision.action == REPORT:
         runner.report_available(sink, result, decision)
     if decision.action != UPDATE:
-        print_json(out)
         return
     until = runner.backoff_until(result, load_state(cfg.state_dir), datetime.now(UTC))
     if until is not None and not force:
         out.update(action="none", reason="backoff", next_attempt=until.isoformat())
-        print_json(out)
         return
     restarted: list[str] = []
     try:
@@ -107,9 +127,8 @@ def update_command(config_path: Path | None, log_format: str | None, force: bool
             restart_with=lambda p: restarted.append(restart.restart_running_agent(cfg, p, sink.origin)),
         )
     except (LockBusy, lifecycle.UpdateInProgress, lifecycle.UpdateFailed, restart.RestartFailed) as exc:
-        fail(exc, json_error=True)
+        fail(exc, json_error=True)  # update_command's finally sends the failure first
     out.update(result="swapped", restart=restarted[0] if restarted else None, pending=pending.to_dict())
-    print_json(out)
 
 
 # ---------------------------------------------------------------- rollback
@@ -144,7 +163,9 @@ def rollback_command(config_path: Path | None, log_format: str | None) -> None:
         install.InstallError,
         restart.RestartFailed,
     ) as exc:
+        sink.flush(timeout=FLUSH_TIMEOUT)
         fail(exc, json_error=True)
+    sink.flush(timeout=FLUSH_TIMEOUT)
     print_json(out)
 
 

@@ -5,22 +5,26 @@ know where the event goes. The base class builds the event with the fields DESIG
 names (``event_id``, ``time``, ``state``, ``agent_id``, ``version``, ``mode``, ``platform``,
 ``target_version``, ``manifest_serial`` and the optional ``failed_state``, ``error``, ``image``,
 ``in_wave``); a sink implements only :meth:`EventSink._deliver`. ``stream`` and ``seq`` belong
-to the durable report queue (a later sink behind this same interface), which numbers events as
-it appends them.
+to the durable report queue (:class:`agent.reports.QueueSink`, the production sink behind this
+same interface), which numbers events as it appends them.
 
 - :class:`LogSink` writes each event as one log record (a JSON line with ``--log-format json``);
 - :class:`RecordingSink` keeps them in memory for tests.
 
 ``configured`` / ``delivered`` tell the commit rule (DESIGN section 4) whether reporting is on
 and whether a report reached the endpoint since this process started; a sink without an
-endpoint is never "configured", so it never holds a commit back.
+endpoint is never "configured", so it never holds a commit back. ``start`` / ``flush`` /
+``close`` / ``set_manifest_reports_url`` are the queue's life cycle, called by the runner, the
+one-shot commands and the watchdog; here they do nothing, so any sink substitutes for the queue.
+
+The vocabulary (the states, what counts as a control character) is the endpoint's own,
+:mod:`infra.reports.validation`: one definition for the agent and the Lambda.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,32 +32,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.manifest import format_time
+from infra.reports.validation import CONTROL_RE, STATES
 
 log = logging.getLogger("agent.events")
 
 # DESIGN section 5: `error` is at most 512 characters, without control characters.
 MAX_ERROR_CHARS = 512
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# The states an event may carry: DESIGN section 4's, plus update_available.
-STATES = (
-    "checking",
-    "update_available",
-    "downloading",
-    "verifying",
-    "staged",
-    "restarting",
-    "watching",
-    "committed",
-    "rolled_back",
-    "failed",
-)
 
 
 def clean_error(text: str | None) -> str | None:
     """An ``error`` fit for a report: control characters replaced, at most 512 characters."""
     if text is None:
         return None
-    text = _CONTROL_RE.sub(" ", text)
+    text = CONTROL_RE.sub(" ", text)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -81,6 +72,21 @@ class EventSink(abc.ABC):
     def delivered(self) -> int:
         """Reports delivered (2xx) since this process started."""
         return 0
+
+    # -- the report queue's life cycle (no-ops unless the sink sends somewhere)
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin delivering in the background (the ``run`` loop)."""
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Deliver what is waiting now, within ``timeout``; True when nothing is left to send."""
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:  # noqa: B027 - optional hook
+        """Stop background delivery (undelivered events stay wherever the sink keeps them)."""
+
+    def set_manifest_reports_url(self, url: str | None) -> None:  # noqa: B027 - optional hook
+        """The verified manifest's ``reports_url`` (after each successful check)."""
 
     def emit(
         self,

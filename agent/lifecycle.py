@@ -37,8 +37,13 @@ finishes it on the next start.
 Bad versions are remembered by (version, sha256) with their reason: a crash
 (:data:`PERMANENT_REASONS`) is never installed again unless a manifest names that version with
 other bytes; ``commit_deadline_passed`` (perhaps only the network) is retried after the back-off.
+:func:`blocked_pairs` (state + ``now``) is the one statement of that rule; ``check`` decides with it.
 Every failed attempt at a (version, sha256) backs off: ``interval * 2**failures``, at most 6 h
 (``state.attempts``), so a fleet never re-downloads a bad binary every interval.
+
+Every change to ``state.json`` is one :func:`agent.state.state_transaction` (short: never across a
+download, a restore of the binary or an exec), so a check in ``run`` and an ``update`` by hand
+never lose each other's writes.
 
 Decisions are pure functions of data and ``now`` (tested without processes); the I/O around them
 is :func:`apply_update`, :func:`resume`, :func:`commit` and :func:`rollback`.
@@ -64,7 +69,7 @@ from agent.config import AgentConfig
 from agent.events import EventSink
 from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
 from agent.manifest import Manifest, format_time, parse_time, resolve_url
-from agent.state import AgentState, fsync_dir, load_state, save_state, set_aside, write_json_atomic
+from agent.state import AgentState, fsync_dir, set_aside, state_transaction, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -416,16 +421,28 @@ def bad_reason(bad_versions: list[dict[str, Any]], version: str, sha256: str) ->
     return None
 
 
-def blocked_pairs(bad_versions: list[dict[str, Any]]) -> set[tuple[str, str]]:
-    """The (version, sha256) pairs never to install again: those remembered for a permanent reason."""
-    return {
-        (e["version"], e["sha256"])
-        for e in bad_versions
-        if isinstance(e, dict)
-        and isinstance(e.get("version"), str)
-        and isinstance(e.get("sha256"), str)
-        and (e.get("reason") or DIED_BEFORE_COMMIT) in PERMANENT_REASONS
-    }
+def blocked_pairs(state: AgentState, *, now: datetime, ignore_backoff: bool = False) -> set[tuple[str, str]]:
+    """The (version, sha256) pairs not to install at ``now`` (DESIGN section 4, bad versions).
+
+    A pair remembered for a permanent reason (a crash, an operator's rollback) is blocked for
+    good. One remembered for another reason (``commit_deadline_passed``: maybe only the network)
+    is blocked while its attempt backs off (``state.attempts``), then tried again; with
+    ``ignore_backoff`` (``update --force``) not at all.
+    """
+    blocked = set()
+    for entry in state.bad_versions:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("version"), str)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            continue
+        pair = (entry["version"], entry["sha256"])
+        permanent = (entry.get("reason") or DIED_BEFORE_COMMIT) in PERMANENT_REASONS
+        backing_off = not ignore_backoff and not may_attempt(state.attempts, *pair, now=now)
+        if permanent or backing_off:
+            blocked.add(pair)
+    return blocked
 
 
 # ---------------------------------------------------------------- I/O: apply
@@ -464,13 +481,12 @@ class Steps:
 def _fail_attempt(
     config: AgentConfig, version: str, sha256: str, code: str, message: str, state: str, now: datetime
 ) -> None:
-    saved = load_state(config.state_dir)
-    saved.attempts = record_failure(
-        saved.attempts, version, sha256, code, now=now, interval=config.update_interval
-    )
-    saved.last_result = State.FAILED.value
-    saved.last_error = {"code": code, "message": message, "state": state}
-    save_state(config.state_dir, saved)
+    with state_transaction(config.state_dir) as saved:
+        saved.attempts = record_failure(
+            saved.attempts, version, sha256, code, now=now, interval=config.update_interval
+        )
+        saved.last_result = State.FAILED.value
+        saved.last_error = {"code": code, "message": message, "state": state}
 
 
 def peak_rss_kib() -> int:
@@ -565,10 +581,9 @@ def apply_update(
         _fail_attempt(config, manifest.version, binary.sha256, code, message, failed_in, now())
         tracker.post(Event.FAIL, code=code, message=message)
         raise UpdateFailed(code, message, failed_in) from exc
-    saved = load_state(config.state_dir)
-    saved.last_result = State.RESTARTING.value
-    saved.last_error = None
-    save_state(config.state_dir, saved)
+    with state_transaction(config.state_dir) as saved:
+        saved.last_result = State.RESTARTING.value
+        saved.last_error = None
     tracker.post(Event.DONE)
     peak = peak_rss_kib()
     log.info(
@@ -619,9 +634,8 @@ def resume(config: AgentConfig, sink: EventSink, *, now: datetime) -> ResumeResu
         pending = read_pending(config.state_dir)
     except PendingCorrupt as exc:
         log.error("%s", exc.message)
-        saved = load_state(config.state_dir)
-        saved.last_error = {"code": exc.code, "message": exc.message, "state": State.RESTARTING.value}
-        save_state(config.state_dir, saved)
+        with state_transaction(config.state_dir) as saved:
+            saved.last_error = {"code": exc.code, "message": exc.message, "state": State.RESTARTING.value}
         sink.emit(
             State.FAILED.value,
             target_version=None,
@@ -660,10 +674,11 @@ def resume(config: AgentConfig, sink: EventSink, *, now: datetime) -> ResumeResu
         return ResumeResult(Resumed.DROPPED, pending=pending)
     if plan.action is Start.FINISH_ROLLBACK:
         # The rollback remembered the bad version before it restored; if not, it died first.
-        reason = bad_reason(load_state(config.state_dir).bad_versions, pending.to_version, pending.to_sha256)
-        if reason is None:
-            reason = DIED_BEFORE_COMMIT
-            _remember(config, pending, reason, now, State.RESTARTING)
+        with state_transaction(config.state_dir) as saved:
+            reason = bad_reason(saved.bad_versions, pending.to_version, pending.to_sha256)
+            if reason is None:
+                reason = DIED_BEFORE_COMMIT
+                _note_bad(config, saved, pending, reason, now, State.RESTARTING)
         clear_pending(config.state_dir)
         _tracker(sink, pending, State.RESTARTING).post(
             Event.ROLLBACK, code=reason, message="rollback finished"
@@ -686,8 +701,15 @@ def resume(config: AgentConfig, sink: EventSink, *, now: datetime) -> ResumeResu
     return ResumeResult(Resumed.ROLLED_BACK, pending=pending)
 
 
-def _remember(config: AgentConfig, pending: Pending, reason: str, now: datetime, state: State) -> AgentState:
-    saved = load_state(config.state_dir)
+def _remember(config: AgentConfig, pending: Pending, reason: str, now: datetime, state: State) -> None:
+    with state_transaction(config.state_dir) as saved:
+        _note_bad(config, saved, pending, reason, now, state)
+
+
+def _note_bad(
+    config: AgentConfig, saved: AgentState, pending: Pending, reason: str, now: datetime, state: State
+) -> None:
+    """Remember ``pending``'s version as bad for ``reason`` in ``saved`` (a state being changed)."""
     saved.bad_versions = remember_bad(
         saved.bad_versions, pending.to_version, pending.to_sha256, reason, now=now
     )
@@ -706,8 +728,6 @@ def _remember(config: AgentConfig, pending: Pending, reason: str, now: datetime,
         "message": f"{pending.to_version} rolled back to {pending.from_version}",
         "state": state.value,
     }
-    save_state(config.state_dir, saved)
-    return saved
 
 
 def rollback(
@@ -740,12 +760,11 @@ def commit(config: AgentConfig, sink: EventSink, watch: Watch) -> None:
     """The new version is healthy: drop the record (the commit point), then tidy the state."""
     pending = watch.pending
     clear_pending(config.state_dir)
-    saved = load_state(config.state_dir)
-    saved.attempts = forget_attempts(saved.attempts, pending.to_version, pending.to_sha256)
-    saved.bad_versions = forget_bad(saved.bad_versions, pending.to_version, pending.to_sha256)
-    saved.last_result = State.COMMITTED.value
-    saved.last_error = None
-    save_state(config.state_dir, saved)
+    with state_transaction(config.state_dir) as saved:
+        saved.attempts = forget_attempts(saved.attempts, pending.to_version, pending.to_sha256)
+        saved.bad_versions = forget_bad(saved.bad_versions, pending.to_version, pending.to_sha256)
+        saved.last_result = State.COMMITTED.value
+        saved.last_error = None
     log.info("committed %s (after %d boot(s))", pending.to_version, pending.boots)
     _tracker(sink, pending, State.WATCHING).post(Event.COMMIT)
 
@@ -775,12 +794,11 @@ def rollback_installed(
         raise NothingToRollBack(f"{target} already is {backup.name}")
     assert current is not None
     label = version or "unknown"
-    saved = load_state(config.state_dir)
-    saved.bad_versions = remember_bad(saved.bad_versions, label, current, MANUAL_ROLLBACK, now=now)
-    saved.last_result = State.ROLLED_BACK.value
     message = f"{label} rolled back by hand to {backup.name}"
-    saved.last_error = {"code": MANUAL_ROLLBACK, "message": message, "state": State.COMMITTED.value}
-    save_state(config.state_dir, saved)
+    with state_transaction(config.state_dir) as saved:
+        saved.bad_versions = remember_bad(saved.bad_versions, label, current, MANUAL_ROLLBACK, now=now)
+        saved.last_result = State.ROLLED_BACK.value
+        saved.last_error = {"code": MANUAL_ROLLBACK, "message": message, "state": State.COMMITTED.value}
     install.restore(target, backup, expect_sha256=previous)
     sink.emit(
         State.ROLLED_BACK.value,

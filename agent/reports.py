@@ -69,7 +69,7 @@ import requests
 
 from agent import buildinfo
 from agent.config import AgentConfig
-from agent.events import LogSink, Origin
+from agent.events import MAX_ERROR_CHARS, EventSink, LogSink, Origin
 from agent.manifest import ManifestError, PublicKey, parse_manifest, verify_envelope
 from agent.state import CACHED_ENVELOPE, fsync_dir, set_aside, write_bytes_atomic, write_json_atomic
 from infra.reports.core import MAX_BODY_BYTES
@@ -89,7 +89,6 @@ MAX_RECORD_BYTES = 64 * 1024  # an event is a few KiB at most; a bigger length f
 COMPACT_BYTES = 256 * 1024
 BATCH_EVENTS = MAX_EVENTS
 BATCH_BYTES = MAX_BODY_BYTES - 48 * 1024  # events' JSON per request, leaving room under the 256 KiB cap
-MAX_ERROR_CHARS = 512
 MAX_IMAGE_CHARS = 256
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 600.0
@@ -969,7 +968,11 @@ class QueueSink(LogSink):
         return done
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Send what is queued now (ignoring any back-off); True when nothing is left to send."""
+        """Send what is queued now (ignoring any back-off); True when nothing is left to send.
+
+        Never raises: it runs right before an exec, a restart or an exit, which a report must
+        never stop (the events stay queued for the next sender).
+        """
         if self.queue is None:
             return True
         deadline = time.monotonic() + timeout
@@ -977,12 +980,16 @@ class QueueSink(LogSink):
             return False
         try:
             done = self._send_round(deadline)
+            left = self.queue.count()
+        except Exception:
+            log.exception("sending reports failed; they stay queued")
+            return False
         finally:
             self._send_lock.release()
         if done.failure is None:
             self.backoff.succeeded()
             self._next_attempt = 0.0
-        return self.queue.count() == 0
+        return left == 0
 
     def start(self) -> None:
         """Send in the background from now on (daemon thread; it dies with an ``exec``)."""
@@ -1029,3 +1036,16 @@ class QueueSink(LogSink):
                 delay = self.backoff.failed(done.failure.retry_after)
                 self._next_attempt = time.monotonic() + delay
                 log.info("next report attempt in %.1fs", delay)
+
+
+def sink_for(config: AgentConfig, origin: Origin, **kwargs: Any) -> EventSink:
+    """The agent's sink: the durable queue, or (if its directory cannot be opened) a log-only sink.
+
+    Reporting must never stop an update, a rollback or a restart; a queue that cannot even open
+    is said loudly, and the events still reach the log.
+    """
+    try:
+        return QueueSink.from_config(config, origin, **kwargs)
+    except OSError as exc:
+        log.error("report queue in %s unavailable (%s): events are only logged", config.state_dir, exc)
+        return LogSink(origin)

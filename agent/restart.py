@@ -35,8 +35,13 @@ Boot-counting protocol (the agent and the watchdog share ``boots`` in ``pending.
    watchdog rolls back (restores ``.backup``, remembers the (version, sha256) as
    ``too_many_boots``, reports ``rolled_back``) and starts the old version; otherwise it starts
    the target again with the same argv, environment and working directory, and remembers
-   ``boots``. Restarted agents are double-forked too (never the watchdog's children).
-5. It stands down when ``pending.json`` disappears (commit or rollback), when the agent it
+   ``boots``. Restarted agents are double-forked too (never the watchdog's children): the
+   watchdog reaps the short-lived intermediate at once, so it leaves no zombie, and the agent it
+   starts is reparented to init (or the nearest subreaper), which reaps it.
+5. The ``rolled_back`` report goes into the durable queue through a sink the watchdog opens
+   itself (never one inherited from the agent: its thread and locks did not survive the fork),
+   and is sent after the old version was started (the restored agent sends it too).
+6. It stands down when ``pending.json`` disappears (commit or rollback), when the agent it
    watches was stopped on purpose (its SIGTERM handler writes ``<state dir>/stopping`` with its
    pid), when another agent process runs (the pid record names a live one), and at the deadline.
 """
@@ -63,8 +68,9 @@ from typing import Any, NoReturn
 
 from agent import lifecycle
 from agent.config import AgentConfig
-from agent.events import LogSink, Origin
+from agent.events import Origin
 from agent.manifest import format_time
+from agent.reports import QueueSink, sink_for
 from agent.state import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,7 @@ STOPPING_FILE = "stopping"
 WATCHDOG_FILE = "watchdog.pid"
 SYSTEMCTL_TIMEOUT = 30.0
 WATCHDOG_POLL = 0.25  # seconds between looks at pending.json while the agent lives
+WATCHDOG_FLUSH = 5.0  # how long the watchdog tries to deliver its rollback report before it exits
 _FALLBACK_MAXFD = 4096
 
 
@@ -587,10 +594,21 @@ class Watchdog:
             log.info("watchdog: started %s again as pid %d", self.spec.launch.target, pid)
 
     def _roll_back(self, pending: lifecycle.Pending, died_in: lifecycle.State) -> None:
-        sink = LogSink(self.spec.origin)
-        lifecycle.rollback(
-            self.config, sink, pending, lifecycle.TOO_MANY_BOOTS, now=datetime.now(UTC), from_state=died_in
-        )
-        pid, watched = launch_detached(self.spec.launch)
-        watched.close()
-        log.warning("watchdog: started the restored %s as pid %d", self.spec.launch.target, pid)
+        sink = sink_for(self.config, self.spec.origin)  # this process's own queue handle
+        try:
+            lifecycle.rollback(
+                self.config,
+                sink,
+                pending,
+                lifecycle.TOO_MANY_BOOTS,
+                now=datetime.now(UTC),
+                from_state=died_in,
+            )
+            pid, watched = launch_detached(self.spec.launch)
+            watched.close()
+            log.warning("watchdog: started the restored %s as pid %d", self.spec.launch.target, pid)
+            sink.flush(timeout=WATCHDOG_FLUSH)  # the old version is running already: no one waits
+        finally:
+            sink.close()
+            if isinstance(sink, QueueSink) and sink.queue is not None:
+                sink.queue.close()

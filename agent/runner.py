@@ -14,6 +14,11 @@ the decision is ``update`` and no update is in flight or backing off, the transa
 configured method. In a container, or with ``signal-only``, a new version is reported as
 ``update_available`` (with the image) and the binary is never touched.
 
+Reports: every event goes into the durable queue (:class:`agent.reports.QueueSink`), whose
+sender thread starts once the pid record is written and stops when ``run`` ends; the queue is
+flushed (2 s at most) before any ``exec``, so the new version's commit usually finds the old
+one's events delivered. A delivery wakes the loop: the commit waits for one (DESIGN section 4).
+
 Signals: SIGTERM (or SIGINT) stops cleanly: the ``stopping`` marker tells the watchdog the stop
 was on purpose, the pid record is removed. SIGHUP re-execs the target (the ``signal`` method).
 
@@ -39,10 +44,11 @@ from typing import Any
 
 from agent import buildinfo, check, environment, install, lifecycle, restart
 from agent.config import AgentConfig, resolve_agent_id
-from agent.decide import NONE, REPORT, UPDATE, Decision, Host, decide
-from agent.events import EventSink, LogSink, Origin
+from agent.decide import NONE, REPORT, UPDATE, Decision
+from agent.events import EventSink, Origin
 from agent.fetch import DownloadError, HttpFetcher
 from agent.manifest import ManifestError
+from agent.reports import sink_for
 from agent.state import AgentState, LockBusy, load_state, update_lock
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ MAX_SPLAY = 60.0
 JITTER = 0.10
 # After asking systemd to restart us, how long to wait for its SIGTERM before exec'ing ourselves.
 SYSTEMD_STOP_WAIT = 60.0
+# How long the queued reports may hold up an exec, and a clean stop (the rest waits on disk).
+FLUSH_BEFORE_EXEC = 2.0
+CLOSE_TIMEOUT = 2.0
 CHECK_ERRORS = (ManifestError, DownloadError, environment.UnsupportedPlatform, OSError)
 
 
@@ -115,9 +124,14 @@ def next_delay(interval: int, rng: random.Random) -> float:
 # ---------------------------------------------------------------- shared with `update`
 
 
-def make_sink(config: AgentConfig, mode: str) -> EventSink:
-    """The one place the agent's event sink is chosen (the durable report queue plugs in here)."""
-    return LogSink(origin_for(config, mode))
+def make_sink(config: AgentConfig, mode: str, *, on_delivery: Callable[[], None] | None = None) -> EventSink:
+    """The one place the agent's event sink is chosen: the durable report queue (DESIGN section 5).
+
+    ``UPDATE_REPORT_URL=disabled`` gives a queue that only logs (so does a queue directory that
+    cannot be opened, loudly: reporting never stops an update). Tests inject another
+    :class:`agent.events.EventSink` (e.g. ``RecordingSink``) through ``Runner(sink=...)``.
+    """
+    return sink_for(config, origin_for(config, mode), on_delivery=on_delivery)
 
 
 def origin_for(config: AgentConfig, mode: str) -> Origin:
@@ -130,26 +144,14 @@ def origin_for(config: AgentConfig, mode: str) -> Origin:
     return Origin(agent_id, buildinfo.VERSION, mode, platform)
 
 
-def effective_decision(
-    result: check.CheckResult, state: AgentState, config: AgentConfig, *, force: bool = False
-) -> Decision:
-    """The check's decision, with the lifecycle's bad-version rule and ``update --force``.
+def effective_decision(result: check.CheckResult, *, force: bool = False) -> Decision:
+    """The check's decision, with ``update --force``.
 
-    Only a crash (or an operator's rollback) blocks a (version, sha256) for good; one that missed
-    the commit deadline is retried after the back-off, so it is decided again without it.
-    ``--force`` overrides the wave only: never the signature, serial or bad-version rules.
+    The bad-version rule is already the check's (:func:`agent.lifecycle.blocked_pairs`).
+    ``--force`` overrides the wave (here) and the back-off (``check(ignore_backoff=True)`` and
+    :func:`backoff_until`'s caller): never the signature, serial or bad-version rules.
     """
     decision = result.decision
-    if result.manifest is not None and decision.reason == "bad_version":
-        host = Host(
-            agent_id=result.agent_id or "",
-            current_version=result.current_version or "",
-            mode=result.mode,
-            update_mode=config.update_mode,
-            local_cap=config.rollout_percent,
-            platform=result.platform,
-        )
-        decision = decide(result.manifest, host, lifecycle.blocked_pairs(state.bad_versions))
     if force and decision.action == NONE and decision.reason == "not_in_wave":
         decision = Decision(UPDATE, "forced_by_hand", decision.bucket, decision.in_wave, decision.forced)
     return decision
@@ -240,14 +242,16 @@ class Runner:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] | None = None,
+        sink: EventSink | None = None,
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
         self.clock = clock or (lambda: datetime.now(UTC))
         self.mode = environment.detect(config.deployment_mode).mode
-        self.sink = make_sink(config, self.mode)
-        self.watch: lifecycle.Watch | None = None
+        # A delivered report may be what a commit waits for: it wakes the loop.
         self.wake = threading.Event()
+        self.sink = sink or make_sink(config, self.mode, on_delivery=self.wake.set)
+        self.watch: lifecycle.Watch | None = None
         self.stopping = False
         self.reexec = False
         self.systemd_deadline: float | None = None
@@ -275,6 +279,7 @@ class Runner:
                 config.state_dir, version=buildinfo.VERSION, args=sys.argv[1:], target=config.target
             )
             restart.clear_stopping(config.state_dir)
+            self.sink.start()
             signal.signal(signal.SIGTERM, self._on_term)
             signal.signal(signal.SIGINT, self._on_term)
             signal.signal(signal.SIGHUP, self._on_hup)
@@ -290,6 +295,7 @@ class Runner:
             self._loop()
             return 0
         finally:
+            self.sink.close(timeout=CLOSE_TIMEOUT)
             restart.clear_pid_record(config.state_dir)
             os.close(lock_fd)
             log.info("agent stopped")
@@ -420,8 +426,9 @@ class Runner:
             self.watch.fetched = True
         if result.manifest is None:
             return
+        self.sink.set_manifest_reports_url(result.manifest.reports_url)
         state = load_state(config.state_dir)
-        decision = effective_decision(result, state, config)
+        decision = effective_decision(result)
         log.info(
             "check: manifest %s (serial %d): %s (%s)",
             result.manifest.version,
@@ -489,4 +496,6 @@ class Runner:
             log.error("%s; still running", exc.message)
 
     def _exec_target(self) -> None:
+        # The queue survives the exec on disk; sending first lets the next process commit sooner.
+        self.sink.flush(timeout=FLUSH_BEFORE_EXEC)
         restart.exec_target(self.config.target, sys.argv[1:])

@@ -1,7 +1,15 @@
-"""Durable agent state: atomic JSON files and the single-update lock.
+"""Durable agent state: atomic JSON files, the state lock and the single-update lock.
 
 Every write is temp file + fsync + ``os.replace`` + directory fsync, so a kill -9 at any
 instant leaves either the old or the new file, never a torn one (DESIGN section 4).
+
+``state.json`` is written by several processes (the ``run`` loop's checks, ``update`` and
+``rollback`` by hand, the watchdog's rollback). Every read-modify-write is one
+:func:`state_transaction`: an exclusive ``flock`` on ``state.json.lock`` (a file of its own, so
+the lock survives ``os.replace`` of the state), load, change, save, release. It is held for
+milliseconds -- never across a download, a swap or an exec -- so waiting for it is a short
+blocking wait with a timeout (:class:`StateBusy` past it). Plain reads need no lock: a reader sees
+the old or the new file, whole.
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+STATE_LOCK_FILE = "state.json.lock"
+# Holders keep the lock for milliseconds; this long a wait means something is stuck.
+STATE_LOCK_TIMEOUT = 10.0
+STATE_LOCK_POLL = 0.005
 LOCK_FILE = "update.lock"
 CACHED_ENVELOPE = "manifest.json"
 CACHED_ETAG = "manifest.etag"
@@ -29,6 +41,16 @@ class LockBusy(Exception):
     """Another update holds the lock: only one runs at a time."""
 
     code = "update_in_progress"
+
+
+class StateBusy(TimeoutError):
+    """The state lock was not free within the timeout (an ``OSError``: an operational failure)."""
+
+    code = "state_busy"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def fsync_dir(path: Path) -> None:
@@ -109,6 +131,44 @@ def load_state(state_dir: Path) -> AgentState:
 
 def save_state(state_dir: Path, state: AgentState) -> None:
     write_json_atomic(state_dir / STATE_FILE, asdict(state))
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path, timeout: float = STATE_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold ``<state dir>/state.json.lock`` exclusively; ``StateBusy`` after ``timeout`` seconds.
+
+    Close-on-exec, so an exec'd process or a forked-then-exec'd one never inherits it. Not
+    re-entrant: a second acquisition in the same process waits for the first (flock locks belong
+    to open file descriptions), so never nest transactions.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / STATE_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateBusy(f"{path} is still locked after {timeout:g}s") from None
+                time.sleep(STATE_LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def state_transaction(state_dir: Path, *, timeout: float = STATE_LOCK_TIMEOUT) -> Iterator[AgentState]:
+    """Load ``state.json`` under the state lock, yield it to change, save it if no error was raised.
+
+    Keep the body short and free of I/O beyond the state dir: no network, no exec.
+    """
+    with state_lock(state_dir, timeout):
+        state = load_state(state_dir)
+        yield state
+        save_state(state_dir, state)
 
 
 @contextlib.contextmanager

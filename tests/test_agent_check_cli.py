@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from agent import buildinfo, check, config, environment
+from agent import buildinfo, check, config, environment, lifecycle
 from agent.cli import main
 from agent.manifest import LocalSigner, ManifestError, generate_private_key, rollout_bucket, sign_envelope
-from agent.state import CACHED_ENVELOPE, CACHED_ETAG, STATE_FILE
-from tests.agent_fixtures import LocalServer, Release, publish
+from agent.state import CACHED_ENVELOPE, CACHED_ETAG, STATE_FILE, STATE_LOCK_FILE, AgentState, save_state
+from tests.agent_fixtures import LocalServer, Release, publish, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_BIN = ROOT / ".venv" / "bin" / "avika-agent"
@@ -243,8 +243,67 @@ def test_check_records_state(agent: Agent) -> None:
     assert state["last_error"] is None
     assert datetime.fromisoformat(state["last_check"].replace("Z", "+00:00")) <= datetime.now(UTC)
     assert (agent.state_dir / CACHED_ENVELOPE).read_bytes() == envelope
-    # atomic writes leave no temp file behind
-    assert {p.name for p in agent.state_dir.iterdir()} == {CACHED_ENVELOPE, CACHED_ETAG, STATE_FILE}
+    # atomic writes leave no temp file behind (the state lock's file stays: it is never replaced)
+    names = {p.name for p in agent.state_dir.iterdir()}
+    assert names == {CACHED_ENVELOPE, CACHED_ETAG, STATE_FILE, STATE_LOCK_FILE}
+
+
+# ---------------------------------------------------------------- check: bad versions
+
+# DESIGN section 4: a crash blocks (version, sha256) for good; a missed commit deadline only
+# until its back-off (interval * 2**failures) ends. (id, reason, seconds since the rollback, expected)
+BAD_VERSIONS = [
+    ("crash-long-ago", "too_many_boots", 86400, ("none", "bad_version")),
+    ("died-long-ago", "died_before_commit", 86400, ("none", "bad_version")),
+    ("deadline-backing-off", "commit_deadline_passed", 10, ("none", "bad_version")),
+    ("deadline-backoff-over", "commit_deadline_passed", 3600, ("update", "newer_version")),
+]
+
+
+def remember_rollback(agent: Agent, reason: str, seconds_ago: int, binary: bytes = b"new agent\n") -> None:
+    """state.json as a rollback of 0.1.44 (the Release default) ``seconds_ago`` leaves it."""
+    when = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    state = AgentState(bad_versions=lifecycle.remember_bad([], "0.1.44", sha256(binary), reason, now=when))
+    if reason not in lifecycle.PERMANENT_REASONS:  # as lifecycle.rollback records it: 120 s back-off
+        state.attempts = lifecycle.record_failure({}, "0.1.44", sha256(binary), reason, now=when, interval=60)
+    save_state(agent.state_dir, state)
+
+
+@pytest.mark.parametrize(
+    ("reason", "seconds_ago", "expected"), [b[1:] for b in BAD_VERSIONS], ids=[b[0] for b in BAD_VERSIONS]
+)
+def test_check_says_bad_version_only_while_the_version_is_blocked(
+    agent: Agent, reason: str, seconds_ago: int, expected: tuple[str, str]
+) -> None:
+    remember_rollback(agent, reason, seconds_ago)
+    agent.publish(serial=3)
+    code, out = agent.check()
+    assert code == 0, out
+    assert (out["action"], out["reason"]) == expected
+    assert agent.state()["last_result"] == expected[0]
+    code, out, _ = agent.run("update", "--log-format", "json")  # the same rule decides `update`
+    if expected[0] == "none":
+        assert (code, out["action"], out["reason"]) == (0, *expected)
+
+
+def test_other_bytes_of_a_crashed_version_are_not_blocked(agent: Agent) -> None:
+    remember_rollback(agent, "too_many_boots", 10, binary=b"the build that crashed\n")
+    agent.publish(serial=3)
+    assert agent.check()[1]["reason"] == "newer_version"
+
+
+def test_update_force_retries_a_missed_deadline_during_its_backoff_but_never_a_crash(agent: Agent) -> None:
+    digest = sha256(b"new agent\n")
+    binary_path = f"/updates/binaries/0.1.44/{digest}/avika-agent-{PLATFORM}"
+    agent.publish(serial=3)
+    remember_rollback(agent, "too_many_boots", 10)
+    code, out, _ = agent.run("update", "--force")
+    assert (code, out["action"], out["reason"]) == (0, "none", "bad_version")
+    assert agent.server.count(binary_path) == 0
+    remember_rollback(agent, "commit_deadline_passed", 10)
+    assert agent.check()[1]["reason"] == "bad_version"  # backing off
+    agent.run("update", "--force")  # tries the download (which 404s here: the attempt is what counts)
+    assert agent.server.count(binary_path) == 1
 
 
 # ---------------------------------------------------------------- check: refusals
@@ -516,6 +575,33 @@ def test_installed_console_script(agent: Agent) -> None:
     assert done.returncode == 3
     assert json.loads(done.stdout)["error"] == "serial_rollback"
     assert "serial_rollback" in done.stderr  # logged too
+
+
+def test_agent_commands_can_be_imported_before_agent_cli() -> None:
+    # agent.commands once took its options from agent.cli, which imports agent.commands: a cycle
+    # that broke whoever imported agent.commands first. The shared options live in agent.options.
+    code = "import agent.commands\nfrom agent.cli import main\nprint(' '.join(sorted(main.commands)))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["check", "detect", "rollback", "run", "status", "update", "version"]
+
+
+def test_every_agent_module_can_be_imported_first() -> None:
+    code = (
+        "import importlib, json, pkgutil, sys, agent\n"
+        "failed = []\n"
+        "for m in pkgutil.iter_modules(agent.__path__):\n"
+        "    for name in [n for n in sys.modules if n == 'agent' or n.startswith('agent.')]:\n"
+        "        del sys.modules[name]\n"
+        "    try:\n"
+        "        importlib.import_module('agent.' + m.name)\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{m.name}: {exc!r}')\n"
+        "print(json.dumps(failed))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
 
 
 @pytest.mark.slow

@@ -10,7 +10,10 @@ Rules enforced here:
   events, and the next event carries the count (``dropped``);
 - batches of at most 100 in order; 2xx acknowledges; 400 is narrowed to the bad event, which
   alone is dropped; 413 splits; 5xx, 429, 401, 403, 404, 405, 411 and network errors keep the events
-  and back off exponentially with jitter; the token never goes to a non-loopback plain-http URL.
+  and back off exponentially with jitter; the token never goes to a non-loopback plain-http URL;
+- the agent's production sink is this queue (``runner.make_sink``); ``run`` starts its sender, closes
+  it on the way out and wakes on each delivery; any ``EventSink`` (a test's ``RecordingSink``)
+  stands in for it; events and the endpoint share one vocabulary (states, control characters).
 The endpoint is the real one: ``publisher.serve.make_server`` with ``ReportsEndpoint`` + SQLite on
 127.0.0.1; a thin wrapper can script failure answers in front of it.
 """
@@ -23,6 +26,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +39,9 @@ from typing import Any
 import pytest
 import requests
 
-from agent.events import Origin
+from agent import events, runner
+from agent.config import AgentConfig
+from agent.events import LogSink, Origin, RecordingSink
 from agent.reports import (
     LOG_FILE,
     REPORTS_DIR,
@@ -49,6 +55,7 @@ from agent.reports import (
     token_allowed,
 )
 from agent.state import CACHED_ENVELOPE
+from infra.reports import validation
 from infra.reports.auth import make_token
 from infra.reports.validation import CONTROL_RE, STREAM_RE
 from publisher.serve import UpdateServer, make_server
@@ -653,3 +660,106 @@ def test_the_endpoint_comes_from_the_verified_cached_manifest(tmp_path: Path, en
     assert sink.flush(5) and sink.delivered == 1
     sink.set_manifest_reports_url("/v1/other")  # relative: resolved against the manifest URL
     assert sink.report_url() == "http://127.0.0.1:1/v1/other"
+
+
+# ---------------------------------------------------------------- wiring into the agent
+
+
+def agent_config(tmp_path: Path, url: str | None = None, **kw: Any) -> AgentConfig:
+    kw.setdefault("update_server", "http://127.0.0.1:9/updates")
+    return AgentConfig(
+        agent_id=AGENT,
+        state_dir=tmp_path / "state",
+        target=tmp_path / "bin" / "avika-agent",
+        report_url=url,
+        report_token=TOKEN,
+        **kw,
+    )
+
+
+def test_the_agents_sink_is_the_durable_queue_and_a_delivery_wakes_the_caller(
+    tmp_path: Path, endpoint: Endpoint
+) -> None:
+    woken = threading.Event()
+    sink = runner.make_sink(agent_config(tmp_path, endpoint.url), "vm", on_delivery=woken.set)
+    assert isinstance(sink, QueueSink) and sink.configured
+    event = emit(sink)
+    assert [e["event_id"] for e in queued(tmp_path / "state")] == [event["event_id"]]
+    assert not woken.is_set()
+    assert sink.flush(5) and woken.is_set() and sink.delivered == 1
+    assert [e["event_id"] for e in endpoint.events()] == [event["event_id"]]
+
+
+def test_report_url_disabled_gives_a_sink_that_only_logs(tmp_path: Path) -> None:
+    sink = runner.make_sink(agent_config(tmp_path, report_disabled=True), "vm")
+    emit(sink)
+    assert not sink.configured and sink.flush(1) and not (tmp_path / "state" / REPORTS_DIR).exists()
+
+
+class SpySink(RecordingSink):
+    """A RecordingSink that also records the queue life-cycle calls."""
+
+    def __init__(self) -> None:
+        super().__init__(origin())
+        self.calls: list[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.calls.append(f"close {timeout:g}")
+
+
+def test_run_starts_the_sender_and_closes_it_on_a_clean_stop(tmp_path: Path) -> None:
+    sink = SpySink()
+    agent = runner.Runner(agent_config(tmp_path, update_mode="disabled", deployment_mode="vm"), sink=sink)
+    assert agent.sink is sink  # a test's sink stands in for the queue
+
+    def stop() -> None:
+        agent.stopping = True
+        agent.wake.set()
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    timer = threading.Timer(0.3, stop)
+    timer.start()
+    try:
+        assert agent.run() == 0
+    finally:
+        timer.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert sink.calls == ["start", f"close {runner.CLOSE_TIMEOUT:g}"]
+
+
+def test_any_event_sink_stands_in_for_the_queue() -> None:
+    sink = RecordingSink()
+    sink.start()
+    sink.set_manifest_reports_url("https://reports.example.com/v1/reports")
+    assert sink.flush(timeout=0.1) is True
+    sink.close(timeout=0.1)
+    assert (sink.configured, sink.delivered) == (False, 0)  # never holds a commit back
+
+
+def test_events_use_the_endpoints_vocabulary() -> None:
+    assert events.STATES is validation.STATES
+    assert events.clean_error("bad\x85byte\x00here") == "bad byte here"  # C1 controls too
+
+
+def test_a_queue_that_cannot_open_leaves_a_sink_that_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state dir should be")
+    with caplog.at_level(logging.ERROR, "agent.reports"):
+        sink = runner.make_sink(agent_config(tmp_path), "vm")
+    assert isinstance(sink, LogSink) and not isinstance(sink, QueueSink)
+    assert emit(sink)["state"] == "downloading" and sink.flush(1)
+    assert "events are only logged" in caplog.text
+
+
+def test_flush_never_raises_into_an_exec_or_an_exit(tmp_path: Path, endpoint: Endpoint) -> None:
+    sink = make_sink(tmp_path, endpoint.url)
+    emit(sink)
+    assert sink.queue is not None
+    sink.queue.close()  # any failure inside the send round
+    assert sink.flush(1) is False

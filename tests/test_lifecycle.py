@@ -7,7 +7,8 @@ Rules enforced here:
 - on start the target's hash says where a killed update stopped; boots count durably first; the
   boot cap and the commit deadline roll back;
 - commit needs the health window, a successful check and (if configured) a delivered report;
-- crashes are remembered for good by (version, sha256), a missed deadline only backs off;
+- crashes are remembered for good by (version, sha256), a missed deadline only backs off: one
+  rule, ``blocked_pairs(state, now=...)``, used by ``check`` (so ``update`` and ``run`` too);
 - failed attempts back off interval * 2**n, capped at 6 h.
 
 The I/O functions (resume, rollback, commit, apply_update) run here on real files in tmp_path
@@ -30,7 +31,7 @@ from agent.events import RecordingSink
 from agent.fetch import ChecksumMismatch, SizeExceeded
 from agent.lifecycle import Event, Pending, Start, State, Verdict
 from agent.manifest import Binary, Manifest, format_time
-from agent.state import load_state, save_state
+from agent.state import AgentState, load_state, save_state
 from tests.agent_fixtures import sha256
 
 NOW = datetime(2026, 2, 15, 20, 0, 0, tzinfo=UTC)
@@ -293,9 +294,53 @@ def test_attempts_kept_are_capped():
     ],
 )
 def test_crashes_are_blocked_for_good_a_missed_deadline_is_not(reason, blocked):
-    bad = lifecycle.remember_bad([], "1.1.0", "a" * 64, reason, now=NOW)
-    assert (("1.1.0", "a" * 64) in lifecycle.blocked_pairs(bad)) is blocked
-    assert ("1.1.0", "b" * 64) not in lifecycle.blocked_pairs(bad)  # same version, other bytes
+    state = AgentState(bad_versions=lifecycle.remember_bad([], "1.1.0", "a" * 64, reason, now=NOW))
+    later = NOW + timedelta(days=365)
+    assert (("1.1.0", "a" * 64) in lifecycle.blocked_pairs(state, now=later)) is blocked
+    assert ("1.1.0", "b" * 64) not in lifecycle.blocked_pairs(state, now=later)  # other bytes
+
+
+def _rolled_back(reason: str, *, failures: int = 1) -> AgentState:
+    """State as a rollback for ``reason`` at NOW leaves it (a missed deadline also backs off)."""
+    state = AgentState(bad_versions=lifecycle.remember_bad([], "1.1.0", "a" * 64, reason, now=NOW))
+    if reason not in lifecycle.PERMANENT_REASONS:
+        for _ in range(failures):
+            state.attempts = lifecycle.record_failure(
+                state.attempts, "1.1.0", "a" * 64, reason, now=NOW, interval=60
+            )
+    return state
+
+
+BLOCKED_AT = [
+    # (id, reason, failures, seconds after the rollback, ignore_backoff, blocked)
+    ("crash-at-once", "too_many_boots", 1, 0, False, True),
+    ("crash-a-year-later", "too_many_boots", 1, 365 * 86400, False, True),
+    ("crash-forced", "died_before_commit", 1, 0, True, True),
+    ("manual-forced", "manual_rollback", 1, 0, True, True),
+    ("deadline-backing-off", "commit_deadline_passed", 1, 119, False, True),
+    ("deadline-backoff-over", "commit_deadline_passed", 1, 120, False, False),
+    ("deadline-second-miss-backs-off-longer", "commit_deadline_passed", 2, 120, False, True),
+    ("deadline-second-miss-over", "commit_deadline_passed", 2, 240, False, False),
+    ("deadline-forced", "commit_deadline_passed", 1, 0, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    "reason,failures,after,ignore_backoff,blocked",
+    [b[1:] for b in BLOCKED_AT],
+    ids=[b[0] for b in BLOCKED_AT],
+)
+def test_blocked_pairs_is_the_bad_version_rule_at_a_moment(reason, failures, after, ignore_backoff, blocked):
+    state = _rolled_back(reason, failures=failures)
+    now = NOW + timedelta(seconds=after)
+    found = lifecycle.blocked_pairs(state, now=now, ignore_backoff=ignore_backoff)
+    assert found == ({("1.1.0", "a" * 64)} if blocked else set())
+
+
+def test_a_missed_deadline_whose_attempt_record_is_gone_is_not_blocked():
+    state = _rolled_back("commit_deadline_passed")
+    state.attempts = {}  # attempts are capped; the back-off is the only thing that held it
+    assert lifecycle.blocked_pairs(state, now=NOW) == set()
 
 
 def test_a_crash_is_not_downgraded_to_a_retriable_reason():
@@ -359,7 +404,7 @@ def test_resume_past_the_boot_cap_restores_the_old_binary_and_remembers_why(tmp_
     assert install.backup_path(config.target).read_bytes() == OLD
     assert lifecycle.read_pending(config.state_dir) is None
     state = load_state(config.state_dir)
-    assert lifecycle.blocked_pairs(state.bad_versions) == {("1.1.0", sha256(NEW))}
+    assert lifecycle.blocked_pairs(state, now=NOW + timedelta(days=1)) == {("1.1.0", sha256(NEW))}
     assert state.last_error["code"] == "too_many_boots"
     assert sink.events[-1]["state"] == "rolled_back" and sink.events[-1]["error"].startswith("too_many_boots")
 
@@ -370,8 +415,9 @@ def test_resume_past_the_deadline_rolls_back_and_only_backs_off(tmp_path):
     assert result.outcome is lifecycle.Resumed.ROLLED_BACK
     state = load_state(config.state_dir)
     assert state.bad_versions[0]["reason"] == "commit_deadline_passed"
-    assert lifecycle.blocked_pairs(state.bad_versions) == set()
     assert lifecycle.next_attempt(state.attempts, "1.1.0", sha256(NEW)) == NOW + timedelta(seconds=120)
+    assert lifecycle.blocked_pairs(state, now=NOW + timedelta(seconds=119)) == {("1.1.0", sha256(NEW))}
+    assert lifecycle.blocked_pairs(state, now=NOW + timedelta(seconds=120)) == set()
 
 
 def test_resume_after_a_kill_before_the_swap_drops_the_record_and_reports(tmp_path):

@@ -7,7 +7,9 @@
   or leaves the new binary for the next start.
 - the watchdog: restarts an agent killed before commit and counts each start exactly once, rolls
   back past the cap and starts the old version, stands down on commit and on SIGTERM, and holds
-  no inherited descriptor (no flock, no socket) -- checked in /proc/<watchdog>/fd.
+  no inherited descriptor (no flock, no socket) -- checked in /proc/<watchdog>/fd; the agents it
+  starts are never its children, and the intermediate it forks for each is reaped at once (no
+  zombie of the watchdog's ever stays) -- checked in /proc/*/stat.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -334,6 +337,65 @@ def test_watchdog_holds_no_inherited_descriptor(tmp_path):
             agent = host.agent_record()["pid"]
             assert os.getsid(watchdog) not in (os.getsid(agent), watchdog)  # own session, not its leader
             assert int(restart_ppid(watchdog)) != agent  # never the agent's child
+        finally:
+            host.kill_all()
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Every process whose parent is ``pid``, with its state letter (``Z`` = zombie)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rindex(")") + 2 :].split()
+        if int(rest[1]) == pid:
+            found[int(entry.name)] = rest[0]
+    return found
+
+
+def lingering_zombies(pid: int, seconds: float, grace: float = 0.5) -> set[int]:
+    """Zombie children of ``pid`` still unreaped ``grace`` seconds after they were first seen."""
+    first_seen: dict[int, float] = {}
+    stayed: set[int] = set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        now = time.monotonic()
+        for child, state in children_of(pid).items():
+            if state == "Z" and now - first_seen.setdefault(child, now) > grace:
+                stayed.add(child)
+        time.sleep(0.02)
+    return stayed
+
+
+def restarted_agent(host: Host, first: int) -> tuple[int, int] | None:
+    """(pid, parent pid) of a live agent other than ``first``, read while it lives."""
+    record = host.agent_record()
+    if record is None or record["pid"] == first:
+        return None
+    try:
+        return record["pid"], int(restart_ppid(record["pid"]))
+    except OSError:  # it died between the two reads (this variant dies 0.5 s after each boot)
+        return None
+
+
+def test_the_watchdog_reaps_what_it_forks_and_the_agents_it_starts_are_not_its_children(tmp_path):
+    with site() as s:
+        host, _, _ = watched_update(
+            tmp_path, s, variant="die_after_boot", UPDATE_HEALTH_WINDOW="30s", UPDATE_MAX_BOOT_ATTEMPTS="8"
+        )
+        first = host.start()
+        try:
+            watchdog = wait_for(host.watchdog_pid, 30, "the watchdog")
+            # The new version dies 0.5 s after each boot: the watchdog restarts it again and again.
+            wait_for(lambda: (host.pending() or {}).get("boots", 0) >= 3, 30, "two restarts by the watchdog")
+            assert lingering_zombies(watchdog, seconds=2.5) == set()
+            assert (host.pending() or {}).get("boots", 0) >= 4  # it kept restarting while we watched
+            pid, parent = wait_for(lambda: restarted_agent(host, first.pid), 10, "a restarted agent")
+            assert parent != watchdog, f"agent pid {pid} is the watchdog's child"
         finally:
             host.kill_all()
 

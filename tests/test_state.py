@@ -5,7 +5,10 @@
 - a missing ``state.json`` means defaults; a corrupt one is set aside (renamed, bytes kept),
   replaced by defaults and flagged in ``corrupt`` so start-up never blocks;
 - only one update runs at a time: a second holder, in another process, gets ``LockBusy``; the
-  lock is released when its context ends (or its process dies).
+  lock is released when its context ends (or its process dies);
+- every read-modify-write of ``state.json`` is a ``state_transaction``: a short blocking lock on
+  ``state.json.lock`` (close-on-exec, ``StateBusy`` past its timeout) around load + change + save,
+  saved only when the body succeeds; two processes changing different fields lose nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,10 +28,13 @@ from agent import state as state_mod
 from agent.state import (
     LOCK_FILE,
     STATE_FILE,
+    STATE_LOCK_FILE,
     AgentState,
     LockBusy,
+    StateBusy,
     load_state,
     save_state,
+    state_transaction,
     update_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -240,3 +247,163 @@ def test_the_lock_descriptor_is_not_inherited_by_children(tmp_path: Path) -> Non
     # An inherited flock would outlive an exec and keep the next update out (DESIGN section 4).
     with update_lock(tmp_path) as fd:
         assert os.get_inheritable(fd) is False
+
+
+# ---------------------------------------------------------------- the state lock
+
+
+# A child that holds the state lock (inside a transaction) until its stdin closes.
+STATE_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from agent.state import state_transaction
+    with state_transaction(Path(sys.argv[1])) as state:
+        state.last_result = "held by the child"
+        print("held", flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+def test_a_transaction_saves_what_its_body_changed(tmp_path: Path) -> None:
+    save_state(tmp_path, AgentState(highest_serial=3, last_check="then"))
+    with state_transaction(tmp_path) as state:
+        assert state.highest_serial == 3  # loaded under the lock
+        state.last_check = "now"
+    assert load_state(tmp_path) == AgentState(highest_serial=3, last_check="now")
+
+
+def test_a_transaction_whose_body_raises_saves_nothing(tmp_path: Path) -> None:
+    save_state(tmp_path, AgentState(highest_serial=3))
+    with pytest.raises(RuntimeError), state_transaction(tmp_path) as state:
+        state.highest_serial = 99
+        raise RuntimeError("refused half-way")
+    assert load_state(tmp_path) == AgentState(highest_serial=3)
+    with state_transaction(tmp_path, timeout=0.5):  # and the lock was released
+        pass
+
+
+def test_a_transaction_holds_a_close_on_exec_lock_on_its_own_file(tmp_path: Path) -> None:
+    lock = tmp_path / STATE_LOCK_FILE
+    with state_transaction(tmp_path):
+        fds = [
+            fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(lock)
+        ]
+        assert len(fds) == 1
+        assert os.get_inheritable(int(fds[0])) is False  # an exec'd agent or a watchdog never holds it
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, str(lock)], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert probe.stdout.strip() == "busy"
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, str(lock)], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert probe.stdout.strip() == "free"
+
+
+PROBE = textwrap.dedent(
+    """
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("free")
+    except BlockingIOError:
+        print("busy")
+    """
+)
+
+
+def test_a_transaction_waits_briefly_then_gives_up_with_state_busy(tmp_path: Path) -> None:
+    save_state(tmp_path, AgentState(highest_serial=1))
+    child = subprocess.Popen(
+        [sys.executable, "-c", STATE_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder_line(child) == "held"
+        with pytest.raises(StateBusy) as caught, state_transaction(tmp_path, timeout=0.3) as state:
+            state.highest_serial = 2
+        assert caught.value.code == "state_busy" and isinstance(caught.value, OSError)
+        assert str(tmp_path / STATE_LOCK_FILE) in caught.value.message
+    finally:
+        release(child)
+    # The holder's change is saved; the refused one never was.
+    assert load_state(tmp_path) == AgentState(highest_serial=1, last_result="held by the child")
+
+
+def test_a_waiting_transaction_proceeds_once_the_holder_is_done(tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", STATE_HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder_line(child) == "held"
+    threading.Timer(0.3, release, (child,)).start()
+    with state_transaction(tmp_path, timeout=20) as state:
+        assert state.last_result == "held by the child"  # loaded after the holder saved
+        state.highest_serial = 5
+    assert load_state(tmp_path) == AgentState(highest_serial=5, last_result="held by the child")
+
+
+# Two real sites change different fields of the same state.json as fast as they can: the check's
+# record (last_check, highest_serial) and a failed attempt's back-off (attempts).
+HAMMER = textwrap.dedent(
+    """
+    import sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    from agent import lifecycle
+    from agent.config import AgentConfig
+    from agent.state import state_transaction
+    state_dir, role, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    config = AgentConfig(
+        update_server="http://127.0.0.1:9/updates",
+        state_dir=state_dir,
+        target=state_dir / "t",
+        update_interval=60,
+    )
+    print("ready", flush=True)
+    sys.stdin.readline()  # start together
+    now = datetime(2026, 2, 15, tzinfo=UTC)
+    for n in range(rounds):
+        if role == "attempts":
+            lifecycle._fail_attempt(config, "1.1.0", "a" * 64, "fetch_failed", f"try {n}", "downloading", now)
+        else:
+            with state_transaction(state_dir) as state:
+                state.last_check = f"check {n}"
+                state.highest_serial = (state.highest_serial or 0) + 1
+    """
+)
+
+
+def test_two_processes_changing_different_fields_lose_nothing(tmp_path: Path) -> None:
+    rounds = 150
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", HAMMER, str(tmp_path), role, str(rounds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for role in ("attempts", "checks")
+    ]
+    try:
+        assert [holder_line(child) for child in children] == ["ready", "ready"]
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        assert [child.wait(timeout=120) for child in children] == [0, 0]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    state = load_state(tmp_path)
+    assert state.attempts["1.1.0/" + "a" * 64]["failures"] == rounds  # every failure counted
+    assert state.highest_serial == rounds and state.last_check == f"check {rounds - 1}"
