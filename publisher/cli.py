@@ -44,6 +44,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            # `avika-publish show | head`: the reader left; nothing more to say to it.
+            sys.stderr.close()
+            raise click.exceptions.Exit(0) from None
         except PublishError as exc:
             _fail(exc.message, exc.exit_code)
         except ManifestError as exc:
@@ -301,9 +305,9 @@ def refresh(**kwargs: Any) -> None:
 @main.command()
 @source_options
 @json_option
-def show(store: str, url: str | None, as_json: bool) -> None:
+def show(store: str, url: str | None, endpoint_url: str | None, as_json: bool) -> None:
     """Print the live manifest (decoded without checking signatures; use verify for that)."""
-    reader = open_reader(store, url)
+    reader = open_reader(store, url, endpoint_url=endpoint_url)
     manifest = publishing.show(reader)
     if as_json:
         _print_json(manifest.to_dict())
@@ -320,14 +324,19 @@ def show(store: str, url: str | None, as_json: bool) -> None:
 )
 @source_options
 @json_option
-def verify(public_keys: list, threshold: int, store: str, url: str | None, as_json: bool) -> None:
+def verify(
+    public_keys: list, threshold: int, store: str, url: str | None, endpoint_url: str | None, as_json: bool
+) -> None:
     """Verify the live manifest as an agent would, then re-read every binary and check it."""
     if threshold > len(public_keys):
         raise click.BadParameter(
             f"{threshold} exceeds the {len(public_keys)} key(s) given", param_hint="--threshold"
         )
     report = publishing.verify(
-        open_reader(store, url), public_keys, threshold=threshold, progress=_progress()
+        open_reader(store, url, endpoint_url=endpoint_url),
+        public_keys,
+        threshold=threshold,
+        progress=_progress(),
     )
     if as_json:
         _print_json(report.to_json())

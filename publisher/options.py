@@ -112,6 +112,12 @@ def public_key_option(purpose: str, required: bool = False) -> Callable[[F], F]:
     )
 
 
+endpoint_option = click.option(
+    "--endpoint-url",
+    metavar="URL",
+    help="S3-compatible endpoint for an s3:// store (AWS_ENDPOINT_URL works too).",
+)
+
 signing_options = _apply(
     click.option(
         "--key",
@@ -137,11 +143,7 @@ signing_options = _apply(
         help="CloudFront distribution whose /manifest.json is invalidated after a publish "
         "(env AVIKA_CLOUDFRONT_DISTRIBUTION_ID).",
     ),
-    click.option(
-        "--endpoint-url",
-        metavar="URL",
-        help="S3-compatible endpoint for an s3:// store (AWS_ENDPOINT_URL works too).",
-    ),
+    endpoint_option,
     dry_run_option,
     json_option,
 )
@@ -156,5 +158,5 @@ resign_options = _apply(
 )
 """What ``rollout``, ``halt`` and ``refresh`` share (``canary --halt`` will too)."""
 
-source_options = _apply(store_option, url_option)
-"""``--store`` or ``--url``: where ``show`` and ``verify`` read from."""
+source_options = _apply(store_option, url_option, endpoint_option)
+"""``--store`` (with ``--endpoint-url``) or ``--url``: where ``show`` and ``verify`` read from."""
