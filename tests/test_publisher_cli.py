@@ -361,3 +361,19 @@ def test_show_reads_what_another_process_published(env: dict) -> None:
     assert shown.returncode == 0
     envelope = (env["store"] / "manifest.json").read_bytes()
     assert json.loads(shown.stdout) == parse_manifest(read_envelope_unverified(envelope)).to_dict()
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_not_an_error(env: dict) -> None:
+    """`avika-publish show --json | true`: a pipe closed before the write ends the command quietly with 0."""
+    assert cli(*release_args(env)).exit_code == 0
+    reader_gone = subprocess.run(
+        f"'{sys.executable}' -m publisher.cli show --store '{env['store']}' --json | true;"
+        " echo ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reader_gone.stdout.strip() == "0", reader_gone.stderr
+    assert "Broken pipe" not in reader_gone.stderr
