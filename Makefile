@@ -28,6 +28,9 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/python demo/run_demo.py
 
+demo-quick: $(STAMP)
+	$(BIN)/python demo/run_demo.py --quick
+
 # Build one self-contained agent executable: make agent-binary VERSION=0.1.44 OUT=dist/avika-agent [PUBLIC_KEYS=k1,k2]
 agent-binary: $(STAMP)
 	@test -n "$(VERSION)" || { echo "usage: make agent-binary VERSION=V OUT=FILE [PUBLIC_KEYS=k1,k2]" >&2; exit 2; }
