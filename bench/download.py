@@ -40,7 +40,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -53,8 +52,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from results import Report, append, command_line, heading, load_average, machine
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
+TITLE = "bench/download.py"
 PYTHON = sys.executable
 GNU_TIME = "/usr/bin/time"
 MIB = 1024 * 1024
@@ -137,13 +138,8 @@ def child_tuf(metadata_url: str, targets_url: str, client_dir: str, out: str, na
 # ================================================================ setup: files, TUF repo, nginx
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+def tool_versions() -> list[str]:
+    """The versions of what ours is compared with, for the Machine line."""
     versions = []
     for cmd in (["nginx", "-v"], ["curl", "--version"], ["openssl", "version"]):
         with contextlib.suppress(OSError):
@@ -153,11 +149,7 @@ def machine() -> str:
         import tuf
 
         versions.append(f"python-tuf {tuf.__version__}")
-    return (
-        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
-        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; " + "; ".join(versions)
-    )
+    return versions
 
 
 def write_random(path: Path, size: int) -> str:
@@ -402,19 +394,12 @@ def main() -> int:
     no_tuf = tuf_available()
     tools = [t for t in TOOLS if not (t == "tuf" and no_tuf)]
 
-    lines: list[str] = []
-
-    def out(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
-    out(f"## bench/download.py — {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    out()
-    out(f"Machine: {machine()}")
-    out(f"Command: `{' '.join(['.venv/bin/python', 'bench/download.py', *sys.argv[1:]])}`")
-    out()
+    out = Report()
+    command, machine_line = command_line(), machine(tool_versions())
+    for line in heading(title=TITLE, command=command, machine_line=machine_line):
+        print(line, flush=True)
     started = time.monotonic()
-    out(f"Load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    out(f"Load average at start: {load_average()}")
     tmp = Path(tempfile.mkdtemp(prefix="avika-download-"))
     try:
         tmp.chmod(0o755)  # nginx's worker runs as another user
@@ -450,18 +435,16 @@ def main() -> int:
             out(f"- {note}")
         if no_tuf:
             out(f"- tuf column missing: {no_tuf}")
-        out(f"- load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        out(f"- load average at the end: {load_average()}")
         out(f"- total run time {time.monotonic() - started:.0f} s, scratch directory {tmp} (removed)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not args.no_results:
-        with RESULTS.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n\n")
-        print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+        append(out.lines, title=TITLE, command=command, machine_line=machine_line)
     return 0
 
 
-def report(out: Any, files: dict[str, Any], tools: list[str], results: dict[Any, Any], runs: int) -> None:
+def report(out: Report, files: dict[str, Any], tools: list[str], results: dict[Any, Any], runs: int) -> None:
     header = [
         "file",
         "tool",
@@ -495,7 +478,7 @@ def report(out: Any, files: dict[str, Any], tools: list[str], results: dict[Any,
                     f"{statistics.median(hwm) / 1024:.1f} MiB" if hwm else "-",
                 ]
             )
-    table(out, header, rows)
+    out.table(header, rows)
     out()
     rows = []
     for name in files:
@@ -519,8 +502,7 @@ def report(out: Any, files: dict[str, Any], tools: list[str], results: dict[Any,
         rss_ok = ours_rss / 1024 < 40
         row += [f"{ours_rss / 1024:.1f} MiB", "yes" if rss_ok else f"NO (+{ours_rss / 1024 - 40:.1f} MiB)"]
         rows.append(row)
-    table(
-        out,
+    out.table(
         ["file", "ours / curl", "<= 1.0", "ours / tuf", "<= 0.6", "tuf RSS", "ours RSS", "< 40 MiB"],
         rows,
     )
@@ -534,14 +516,6 @@ def report(out: Any, files: dict[str, Any], tools: list[str], results: dict[Any,
     out("- peak RSS: GNU time %M (max over the tool's processes); own VmHWM: the Python child's /proc value.")
     out("- floor: the transfer alone over loopback (nothing hashed, nothing written), for scale.")
     out("- the served files sit in the page cache (warmed once); every tool writes to the same disk.")
-
-
-def table(out: Any, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    out("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        out("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fleet simulation: a staged rollout over 100,000 agent ids, real agents polling, CDN load.
 
-    .venv/bin/python bench/fleet.py [--agents 100000] [--sample 20] [--interval 1h] [--jitter 0.10]
+    .venv/bin/python bench/fleet.py [--agents 100000] [--sample 20] [--interval 1h] [--binary-mib 17.6]
+                                    [--no-results]
 
 Everything on 127.0.0.1, in one temporary directory; it prints figures, appends them to
 ``bench/RESULTS.md`` and asserts nothing (bounded: well under a minute with the defaults).
@@ -30,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -38,11 +38,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from results import Report, append, command_line, heading, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,7 +81,7 @@ except ImportError:  # pragma: no cover - only while agent/runner.py is being wr
 
 
 AGENT_BIN = ROOT / ".venv" / "bin" / "avika-agent"
-RESULTS = ROOT / "bench" / "RESULTS.md"
+TITLE = "bench/fleet.py"
 WAVES = (1, 10, 50, 100)
 VERSION, RUNNING = "0.1.44", "0.1.43"
 PLATFORM = environment.platform_key()
@@ -88,41 +90,6 @@ DEADLINE = 50.0  # seconds; the sample of real agents stops early rather than ru
 
 def agent_ids(n: int) -> list[str]:
     return [f"host-{i:06d}.dc{i % 7}" for i in range(n)]
-
-
-class Out:
-    """Print and keep the lines for RESULTS.md."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def table(self, header: list[str], rows: Iterable[list[Any]]) -> None:
-        rows = [[str(c) for c in row] for row in rows]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        self("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
-        self("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        for row in rows:
-            self("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
-        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
-    )
 
 
 # ================================================================ 1. staged rollout
@@ -141,7 +108,7 @@ def publish_waves(tmp: Path, signer: LocalSigner) -> tuple[DirStore, list[bytes]
     return store, [e for e in envelopes if e is not None]
 
 
-def rollout(out: Out, ids: list[str], envelopes: list[bytes], signer: LocalSigner) -> list[Manifest]:
+def rollout(out: Report, ids: list[str], envelopes: list[bytes], signer: LocalSigner) -> list[Manifest]:
     out(f"### 1. Staged rollout over {len(ids):,} agent ids (real verify_manifest + decide)")
     out()
     now = datetime.now(UTC)
@@ -205,7 +172,7 @@ def rollout(out: Out, ids: list[str], envelopes: list[bytes], signer: LocalSigne
     return manifests
 
 
-def salt_overlap(out: Out, ids: list[str], salt: str) -> None:
+def salt_overlap(out: Report, ids: list[str], salt: str) -> None:
     """Salt = version, so each release picks its own canaries: how far apart are they really?"""
     rows = []
     for percent in (1, 10):
@@ -318,7 +285,7 @@ def real_check(tmp: Path, url: str, agent_id: str, public_key: str) -> dict[str,
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-200:]}"}
 
 
-def sample_agents(out: Out, tmp: Path, ids: list[str], sample: int, deadline: float) -> dict[str, float]:
+def sample_agents(out: Report, tmp: Path, ids: list[str], sample: int, deadline: float) -> dict[str, float]:
     out(f"### 2. {sample} real `avika-agent check` processes polling `publisher.serve` on 127.0.0.1")
     out()
     signer = LocalSigner(generate_private_key())
@@ -450,7 +417,9 @@ def residual(interval: int, rng: random.Random) -> float:
             return rng.uniform(0, wait)
 
 
-def convergence(out: Out, interval: int, sizes: dict[str, float], binary_mib: float, deadline: float) -> None:
+def convergence(
+    out: Report, interval: int, sizes: dict[str, float], binary_mib: float, deadline: float
+) -> None:
     j = JITTER
     title = f"interval {interval} s, jitter ±{j * 100:.0f} %, splay ≤ {MAX_SPLAY:.0f} s"
     out(f"### 3. Convergence and CDN load ({title})")
@@ -553,13 +522,10 @@ def main() -> int:
     interval = parse_duration(args.interval)
     started = time.monotonic()
     deadline = started + DEADLINE
-    out = Out()
-    command = " ".join([".venv/bin/python", "bench/fleet.py", *sys.argv[1:]])
-    out(f"## bench/fleet.py — {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    out()
-    out(f"Machine: {machine()}")
-    out(f"Command: `{command}`")
-    out()
+    out = Report()
+    command, machine_line = command_line(), machine()
+    for line in heading(title=TITLE, command=command, machine_line=machine_line):
+        print(line, flush=True)
     ids = agent_ids(args.agents)
     signer = LocalSigner(generate_private_key())
     with tempfile.TemporaryDirectory(prefix="avika-fleet-") as tmp_name:
@@ -576,9 +542,7 @@ def main() -> int:
     convergence(out, interval, sizes, args.binary_mib, deadline)
     out(f"Total run time: {time.monotonic() - started:.1f} s.")
     if not args.no_results:
-        with RESULTS.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(out.lines) + "\n\n")
-        print(f"\nappended to {RESULTS.relative_to(ROOT)}")
+        append(out.lines, title=TITLE, command=command, machine_line=machine_line)
     return 0
 
 

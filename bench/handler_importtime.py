@@ -3,14 +3,17 @@
 1. Import cost of the Lambda entry module (`python -X importtime -c "import infra.reports.handler"`),
    net of the interpreter's own start-up imports, and the deferred cost of boto3 that the first
    AWS-backed request pays.
-2. Events per second through `ReportsEndpoint` into SQLite (bounded: 2,000 events), in 20-event
-   batches and in single-event posts (an agent reporting one state change at a time).
+2. Events per second through `ReportsEndpoint` into SQLite (bounded: 5,000 events), in 100-event
+   batches (the agent's batch size), 20-event batches and single-event posts (one state change
+   at a time).
 
-Run from the repository root: `.venv/bin/python bench/handler_importtime.py`.
+Run from the repository root: `.venv/bin/python bench/handler_importtime.py [--no-results]`; the figures
+are appended to `bench/RESULTS.md` unless `--no-results` is given.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -19,6 +22,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from results import Report, append, command_line, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +34,8 @@ from infra.reports.store import SQLiteStore  # noqa: E402
 
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 SECRET = "bench-fleet-secret-0123456789"
+RUNS = 3
+HANDLER = "infra.reports.handler"
 
 
 def import_times(code: str) -> tuple[int, dict[str, int]]:
@@ -86,19 +93,39 @@ def events_per_second(total: int, batch: int) -> float:
     return total / elapsed
 
 
-def main() -> None:
-    baseline, _ = best_of(3, "pass")
-    total, top = best_of(3, "import infra.reports.handler")
-    boto_total, boto_top = best_of(3, "import boto3")
-    print(f"import infra.reports.handler: {total / 1000:.1f} ms total self time of all imports")
-    print(f"  interpreter start-up imports alone: {baseline / 1000:.1f} ms")
-    print(f"  net cost of the handler module:     {(total - baseline) / 1000:.1f} ms")
-    print(f"  cumulative of the handler's import:  {top.get('infra.reports.handler', 0) / 1000:.1f} ms")
-    print(f"deferred to the first AWS request: import boto3 {boto_top.get('boto3', 0) / 1000:.1f} ms")
-    print(f"  (boto3 run total {boto_total / 1000:.1f} ms)")
-    print(f"SQLite core, 2000 events in 20-event batches: {events_per_second(2000, 20):,.0f} events/s")
-    print(f"SQLite core, 500 single-event posts:          {events_per_second(500, 1):,.0f} events/s")
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    out = Report()
+    load_at_start = load_average()
+    baseline, _ = best_of(RUNS, "pass")
+    total, top = best_of(RUNS, f"import {HANDLER}")
+    boto_total, boto_top = best_of(RUNS, "import boto3")
+    full = events_per_second(5000, 100)
+    batched, single = events_per_second(2000, 20), events_per_second(500, 1)
+    out(f"Import times: `python -X importtime`, best of {RUNS} runs each.")
+    out()
+    out.table(
+        ["figure", "value"],
+        [
+            [f"import {HANDLER}: self time of all imports", f"{total / 1000:.1f} ms"],
+            ["interpreter start-up imports alone (`-c pass`)", f"{baseline / 1000:.1f} ms"],
+            ["net cost of the handler module (the difference)", f"{(total - baseline) / 1000:.1f} ms"],
+            ["cumulative time of the handler's own import", f"{top.get(HANDLER, 0) / 1000:.1f} ms"],
+            ["import boto3, deferred to the first AWS request", f"{boto_top.get('boto3', 0) / 1000:.1f} ms"],
+            ["import boto3: self time of all imports in that run", f"{boto_total / 1000:.1f} ms"],
+            ["SQLite core, 5000 events in 100-event batches", f"{full:,.0f} events/s"],
+            ["SQLite core, 2000 events in 20-event batches", f"{batched:,.0f} events/s"],
+            ["SQLite core, 500 single-event posts", f"{single:,.0f} events/s"],
+        ],
+    )
+    out()
+    out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
+    if not args.no_results:
+        append(out.lines, title="bench/handler_importtime.py", command=command_line())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,8 @@ asserts nothing.
    one part in flight and with --workers parts in flight.
 
 Bounded: the file is at most 2 GiB and is written once to a temporary directory that is removed at the end.
-Run from the repository root: ``.venv/bin/python bench/publish_throughput.py [--size-mib 256]``.
+Run from the repository root: ``.venv/bin/python bench/publish_throughput.py [--size-mib 256]``; the figures
+are appended to ``bench/RESULTS.md`` unless ``--no-results`` is given.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from results import Report, append, command_line, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,10 +52,6 @@ def timed(work: Callable[[], object]) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
-
-
-def rate(size: int, seconds: float) -> str:
-    return f"{size / MiB / seconds:9.1f} MiB/s  ({seconds:6.2f} s)"
 
 
 def publish(store: Store, path: Path, version: str) -> None:
@@ -96,20 +95,24 @@ def s3_figures(path: Path, size: int, sha: str, part_mib: int, workers: int) -> 
     return figures
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256, help="binary size (default 256, at most 2048)")
     parser.add_argument("--part-size-mib", type=int, default=8, help="S3 part size (default 8, at least 5)")
     parser.add_argument("--workers", type=int, default=8, help="S3 parts in flight (default 8)")
+    parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     if not 1 <= args.size_mib <= MAX_SIZE_MIB or args.part_size_mib < 5 or args.workers < 1:
         parser.error(f"--size-mib 1..{MAX_SIZE_MIB}, --part-size-mib >= 5, --workers >= 1")
     size = args.size_mib * MiB
+    out = Report()
+    load_at_start = load_average()
 
     with tempfile.TemporaryDirectory(prefix="avika-bench-") as tmp:
         path = Path(tmp) / "avika-agent"
         write_binary(path, size)
-        print(f"binary: {args.size_mib} MiB; S3 parts of {args.part_size_mib} MiB, {args.workers} in flight")
+        out(f"Binary: {args.size_mib} MiB; S3 parts of {args.part_size_mib} MiB, {args.workers} in flight.")
+        out()
 
         result: dict[str, str] = {}
         seconds = timed(lambda: result.update(sha=publishing.hash_file(path)[0]))
@@ -124,10 +127,16 @@ def main() -> None:
         )
         figures += s3_figures(path, size, sha, args.part_size_mib, args.workers)
 
-    width = max(len(label) for label, _ in figures)
-    for label, seconds in figures:
-        print(f"  {label:<{width}}  {rate(size, seconds)}")
+    out.table(
+        ["step", "MiB/s", "time"],
+        [[label, f"{size / MiB / seconds:,.1f}", f"{seconds:.3f} s"] for label, seconds in figures],
+    )
+    out()
+    out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
+    if not args.no_results:
+        append(out.lines, title="bench/publish_throughput.py", command=command_line())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
