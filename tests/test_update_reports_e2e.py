@@ -15,12 +15,17 @@ What must hold (DESIGN sections 4 and 5):
 - a version that crashes at start is rolled back by the watchdog, and the store holds its
   ``rolled_back`` (failed_state, ``too_many_boots``) once, in the same stream, from the old version;
 - a container agent reports one ``update_available`` with the image and ``in_wave``; its target is
-  never touched.
+  never touched;
+- ``avika-publish fleet --json`` over the same store shows each agent as it ended: the VM committed
+  on the new version, the container on the old one with an update available.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -53,6 +58,7 @@ class ReportsSite:
     updates: DirStore
     signer: Any
     store: ReportStore
+    reports_db: str
 
     @property
     def update_server(self) -> str:
@@ -71,6 +77,17 @@ class ReportsSite:
 
     def resign(self) -> int:
         return resign(self.updates, [self.signer]).manifest.serial
+
+    def fleet(self) -> dict[str, Any]:
+        """What an operator sees: the real ``avika-publish fleet --json`` over the same store."""
+        done = subprocess.run(
+            [sys.executable, "-m", "publisher.cli", "fleet", "--reports", self.reports_db, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
 
     def events(self, agent_id: str) -> list[dict[str, Any]]:
         """The agent's stored events in queue order (stream, seq)."""
@@ -97,7 +114,7 @@ def reports_site(tmp_path: Path) -> Iterator[ReportsSite]:
     store = ReportStore.from_url(db)
     endpoint = server.reports
     try:
-        yield ReportsSite(tmp_path, server, DirStore(root / "updates"), new_signer(), store)
+        yield ReportsSite(tmp_path, server, DirStore(root / "updates"), new_signer(), store, db)
     finally:
         server.shutdown()
         server.server_close()
@@ -155,6 +172,16 @@ def test_a_vm_update_reaches_the_store_once_per_state_and_commits_only_after_a_d
             assert site.store.agent(me)["state"] == "committed"
             assert [o["state"] for o in site.store.version_outcomes("1.1.0")] == ["committed"]
             assert host.backup.read_bytes() == old
+            fleet = site.fleet()
+            row = next(a for a in fleet["agents"] if a["agent_id"] == me)
+            assert (row["mode"], row["version"], row["state"], row["target_version"]) == (
+                "vm",
+                "1.1.0",
+                "committed",
+                "1.1.0",
+            )
+            assert row["update_available"] is False and row["last_error"] is None
+            assert fleet["versions"] == {"1.1.0": 1}
         finally:
             host.kill_all()
 
@@ -214,6 +241,14 @@ def test_a_container_agent_reports_update_available_once_and_never_touches_the_t
             )
             assert site.store.version_outcomes("1.1.0") == []  # not an install attempt
             assert site.store.agent(me)["state"] == "update_available"
+            (row,) = site.fleet()["agents"]
+            assert (row["agent_id"], row["mode"], row["version"], row["state"]) == (
+                me,
+                "container",
+                "1.0.0",
+                "update_available",
+            )
+            assert row["update_available"] is True and row["target_version"] == "1.1.0"
             assert host.target.read_bytes() == old and host.target.stat().st_mtime_ns == before.st_mtime_ns
             assert not host.backup.exists() and host.stray_files() == [] and host.pending() is None
         finally:
