@@ -823,6 +823,9 @@ class QueueSink(LogSink):
         self._threshold = threshold
         self._manifest_reports_url: str | None = None
         self._url_cache = _UrlCache()
+        # The run loop (``configured``) and the sender thread both look the URL up: one at a time,
+        # or the second would read the half-filled cache (ident set, URL not yet) as "no endpoint".
+        self._url_lock = threading.Lock()
         self._poster = Poster(token or "", session)
         self._delivered = 0
         self._send_lock = threading.Lock()
@@ -898,7 +901,10 @@ class QueueSink(LogSink):
 
     def set_manifest_reports_url(self, url: str | None) -> None:
         """The verified manifest's ``reports_url`` (the runner calls this after each check)."""
-        self._manifest_reports_url = self._resolve(url)
+        resolved = self._resolve(url)
+        if resolved != self._manifest_reports_url:
+            self._next_attempt = 0.0  # an endpoint now known (or moved): send now, not after the wait
+        self._manifest_reports_url = resolved
         self._wake.set()
 
     def report_url(self) -> str | None:
@@ -922,6 +928,10 @@ class QueueSink(LogSink):
 
     def _cached_manifest_reports_url(self) -> str | None:
         """``reports_url`` of the envelope the last check verified and cached (verified again here)."""
+        with self._url_lock:
+            return self._cached_manifest_reports_url_locked()
+
+    def _cached_manifest_reports_url_locked(self) -> str | None:
         cache = self._url_cache
         path = self.state_dir / CACHED_ENVELOPE
         ident = ReportQueue._ident(path)
