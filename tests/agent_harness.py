@@ -42,6 +42,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 PLATFORM = environment.platform_key()
 VARIANTS = ("ok", "crash", "segfault", "smoke_fail", "die_after_boot")
+# The states a successful VM update goes through, in order (DESIGN section 4).
+COMMITTED_CHAIN = [
+    "update_available",
+    "downloading",
+    "verifying",
+    "staged",
+    "restarting",
+    "watching",
+    "committed",
+]
 
 _LAUNCHER = """#!{python}
 # avika-agent development build {version} ({variant}): a stand-in for `make agent-binary`

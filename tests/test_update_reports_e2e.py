@@ -40,13 +40,13 @@ from infra.reports.store import ReportStore
 from publisher.release import ReleaseSpec, release, resign
 from publisher.serve import UpdateServer, make_server
 from publisher.stores import DirStore
-from tests.agent_harness import PLATFORM, Host, dev_binary, keys_of, new_signer, wait_for
+from tests.agent_harness import COMMITTED_CHAIN, PLATFORM, Host, dev_binary, keys_of, new_signer, wait_for
 
 pytestmark = pytest.mark.slow
 
 SECRET = "reports-e2e-fleet-secret-0123456789"
 IMAGE = "hellodk/avika-agent:1.1.0"
-CHAIN = ["update_available", "downloading", "verifying", "staged", "restarting", "watching", "committed"]
+CHAIN = COMMITTED_CHAIN
 
 
 @dataclass
