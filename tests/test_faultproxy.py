@@ -77,6 +77,13 @@ def raw_get(
     """One GET on a fresh socket, read until EOF or error: (head, body, error)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n".encode())
+    data, error = read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body, error
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, BaseException | None]:
+    """Everything the peer sends until EOF or an error (returned, not raised); closes ``sock``."""
     data, error = b"", None
     try:
         while chunk := sock.recv(65536):
@@ -85,8 +92,7 @@ def raw_get(
         error = exc
     finally:
         sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return head, body, error
+    return data, error
 
 
 def header(head: bytes, name: str) -> str | None:
@@ -132,13 +138,7 @@ def test_reset_mid_stream_is_a_tcp_reset(upstream: LocalServer) -> None:
         sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         sock.sendall(b"GET /binaries/b HTTP/1.1\r\nHost: x\r\n\r\n")
         assert proxy.wait_idle()  # the RST is on its way before we read a byte
-        received, error = b"", None
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except OSError as exc:
-            error = exc
-        sock.close()
+        received, error = read_until_closed(sock)
     assert isinstance(error, ConnectionResetError)
     assert BLOB[:1000] in received and len(received) < len(BLOB)
 
@@ -166,13 +166,7 @@ def test_stall_goes_silent_after_some_bytes_and_close_ends_it(upstream: LocalSer
                 break
             threading.Event().wait(0.01)
         sock.settimeout(0.5)
-        received, error = b"", None
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except OSError as exc:
-            error = exc
-        sock.close()
+        received, error = read_until_closed(sock)
         assert isinstance(error, TimeoutError)
         head, _, body = received.partition(b"\r\n\r\n")
         assert status_of(head) == 200 and body == BLOB[:5000]

@@ -335,12 +335,19 @@ def test_a_dropped_connection_resumes_with_range(tmp_path):
 # ---------------------------------------------------------------- filesystem faults
 
 
-def assert_refused_cleanly(host: Host, s, new: bytes, code: str, before: os.stat_result) -> None:
-    failed = wait_for(lambda: events_with(host, "failed"), 30, f"the {code} failure")[0]
-    assert failed["error"].startswith(code) and failed["failed_state"] == "downloading"
-    assert s.downloads("1.1.0", new) == 0  # refused before any byte was fetched
-    assert os.stat(host.target).st_mtime_ns == before.st_mtime_ns and host.stray_files() == []
-    assert host.pending() is None and host.state()["last_error"]["code"] == code
+def assert_refused_cleanly(host: Host, s, new: bytes, code: str, old: bytes) -> None:
+    """Start the agent on ``old``: the update to ``new`` fails with ``code`` before any byte is fetched."""
+    before = os.stat(host.target)
+    host.start()
+    try:
+        failed = wait_for(lambda: events_with(host, "failed"), 30, f"the {code} failure")[0]
+        assert failed["error"].startswith(code) and failed["failed_state"] == "downloading"
+        assert s.downloads("1.1.0", new) == 0  # refused before any byte was fetched
+        assert os.stat(host.target).st_mtime_ns == before.st_mtime_ns and host.stray_files() == []
+        assert host.pending() is None and host.state()["last_error"]["code"] == code
+        assert host.target.read_bytes() == old
+    finally:
+        host.kill_all()
 
 
 def test_a_size_beyond_the_free_space_is_refused_before_downloading(tmp_path):
@@ -348,13 +355,7 @@ def test_a_size_beyond_the_free_space_is_refused_before_downloading(tmp_path):
         host, old, new = setup(tmp_path, s)
         free = install.free_bytes(host.target.parent)
         s.release("1.1.0", new, size=free + (1 << 30))
-        before = os.stat(host.target)
-        host.start()
-        try:
-            assert_refused_cleanly(host, s, new, "insufficient_space", before)
-            assert host.target.read_bytes() == old
-        finally:
-            host.kill_all()
+        assert_refused_cleanly(host, s, new, "insufficient_space", old)
 
 
 def test_a_binary_too_big_for_a_real_small_filesystem_is_refused(tmp_path):
@@ -364,13 +365,7 @@ def test_a_binary_too_big_for_a_real_small_filesystem_is_refused(tmp_path):
             big = dev_binary(tmp_path / "big" / "avika-agent", "1.1.0", keys_of(s.signer))
             big = big + b"#" + b"x" * (5 << 20) + b"\n"  # 5 MiB + the 16 MiB margin > 20 MiB
             s.release("1.1.0", big)
-            before = os.stat(host.target)
-            host.start()
-            try:
-                assert_refused_cleanly(host, s, big, "insufficient_space", before)
-                assert host.target.read_bytes() == old
-            finally:
-                host.kill_all()
+            assert_refused_cleanly(host, s, big, "insufficient_space", old)
 
 
 def test_a_read_only_target_directory_is_refused_cleanly(tmp_path):
@@ -378,13 +373,7 @@ def test_a_read_only_target_directory_is_refused_cleanly(tmp_path):
         host, old, new = setup(tmp_path, s)
         with tmpfs(host.target.parent, "1m", read_only=True, files={"avika-agent": old}):
             s.release("1.1.0", new)
-            before = os.stat(host.target)
-            host.start()
-            try:
-                assert_refused_cleanly(host, s, new, "target_not_writable", before)
-                assert host.target.read_bytes() == old
-            finally:
-                host.kill_all()
+            assert_refused_cleanly(host, s, new, "target_not_writable", old)
 
 
 # ---------------------------------------------------------------- one update at a time
