@@ -207,6 +207,8 @@ def verify_and_record(
         now=now,
         trust=TrustState(state.highest_serial, state.highest_digest),
         platform=platform,
+        manifest_url=config.manifest_url,
+        binary_origins=config.binary_origins,
     )
     if status == 200:
         save_cache(config.state_dir, body, etag)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import buildinfo
-from agent.manifest import PublicKey, parse_public_keys
+from agent.manifest import PublicKey, parse_duration, parse_public_keys, url_origin
 from agent.state import write_text_atomic
 from infra.reports.validation import valid_agent_id
 
@@ -31,8 +31,6 @@ UPDATE_MODES = ("auto", "vm-only", "signal-only", "disabled")
 DEPLOYMENT_MODES = ("vm", "container")
 RESTART_METHODS = ("exec", "systemd", "signal")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION_RE = re.compile(r"^(?:\d+[smhd])+$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 KEYS = (
     "AGENT_ID",
@@ -53,7 +51,14 @@ KEYS = (
     "UPDATE_REPORT_URL",
     "UPDATE_REPORT_TOKEN",
     "BUFFER_DIR",
+    "UPDATE_BINARY_ORIGINS",
+    "UPDATE_FETCH_TIMEOUT",
+    "UPDATE_DOWNLOAD_TIMEOUT",
+    "UPDATE_COMMIT_DEADLINE",
+    "UPDATE_HEARTBEAT_INTERVAL",
 )
+# Past the health window, how long a new version has to commit unless UPDATE_COMMIT_DEADLINE says.
+DEFAULT_COMMIT_GRACE = 600
 
 
 class ConfigError(Exception):
@@ -66,14 +71,6 @@ class ConfigError(Exception):
         self.message = message
         self.key = key
         self.value = value
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in ``30s``, ``15m``, ``1h30m``, ``2d``; ``ValueError`` otherwise."""
-    text = text.strip()
-    if not _DURATION_RE.match(text):
-        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 1h30m")
-    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([smhd])", text))
 
 
 def parse_file(text: str, source: str = "config") -> dict[str, str]:
@@ -134,11 +131,24 @@ class AgentConfig:
     report_disabled: bool = False
     report_token: str | None = None
     buffer_dir: Path = Path("/var/lib/avika-agent/data")
+    binary_origins: tuple[str, ...] = ()
+    fetch_timeout: int = 120
+    download_timeout: int = 1800
+    # None = health window + DEFAULT_COMMIT_GRACE (see ``commit_deadline_s``).
+    commit_deadline: int | None = None
+    heartbeat_interval: int = 3600
     source: str = ""
 
     @property
     def updates_disabled(self) -> bool:
         return self.update_mode == "disabled" or self.update_server is None
+
+    @property
+    def commit_deadline_s(self) -> int:
+        """Seconds after the swap by which a new version must have committed (DESIGN section 4)."""
+        if self.commit_deadline is not None:
+            return self.commit_deadline
+        return self.health_window + DEFAULT_COMMIT_GRACE
 
     @property
     def manifest_url(self) -> str:
@@ -173,10 +183,34 @@ def _duration(key: str, value: str, minimum: int) -> int:
     return seconds
 
 
+def _duration_or_zero(key: str, value: str) -> int:
+    """A duration, or ``0`` (the feature is off)."""
+    if value == "0":
+        return 0
+    return _duration(key, value, 1)
+
+
 def _url(key: str, value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ConfigError(f"{key}={value!r}: must be an http:// or https:// URL", key, value)
     return value
+
+
+def _origins(key: str, value: str) -> tuple[str, ...]:
+    """Comma-separated ``scheme://host[:port]`` origins, normalised as :func:`manifest.url_origin`."""
+    origins: list[str] = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        origin = url_origin(part)
+        tail = part.split("://", 1)[-1]
+        if origin is None or "@" in tail or any(c in tail.rstrip("/") for c in "/?#"):
+            raise ConfigError(
+                f"{key}={value!r}: {part!r} is not an origin like https://cdn.example.com[:port]", key, value
+            )
+        if origin not in origins:
+            origins.append(origin)
+    return tuple(origins)
 
 
 def _path(key: str, value: str) -> Path:
@@ -262,6 +296,26 @@ def from_values(values: Mapping[str, str], source: str = "") -> AgentConfig:
         kw["health_window"] = _duration("UPDATE_HEALTH_WINDOW", get["UPDATE_HEALTH_WINDOW"], 1)
     if "UPDATE_MAX_BOOT_ATTEMPTS" in get:
         kw["max_boot_attempts"] = _int("UPDATE_MAX_BOOT_ATTEMPTS", get["UPDATE_MAX_BOOT_ATTEMPTS"], 1, 100)
+    if "UPDATE_BINARY_ORIGINS" in get:
+        kw["binary_origins"] = _origins("UPDATE_BINARY_ORIGINS", get["UPDATE_BINARY_ORIGINS"])
+    if "UPDATE_FETCH_TIMEOUT" in get:
+        kw["fetch_timeout"] = _duration("UPDATE_FETCH_TIMEOUT", get["UPDATE_FETCH_TIMEOUT"], 1)
+    if "UPDATE_DOWNLOAD_TIMEOUT" in get:
+        kw["download_timeout"] = _duration("UPDATE_DOWNLOAD_TIMEOUT", get["UPDATE_DOWNLOAD_TIMEOUT"], 1)
+    if "UPDATE_COMMIT_DEADLINE" in get:
+        deadline = _duration("UPDATE_COMMIT_DEADLINE", get["UPDATE_COMMIT_DEADLINE"], 1)
+        if deadline <= kw.get("health_window", 60):
+            raise ConfigError(
+                f"UPDATE_COMMIT_DEADLINE={get['UPDATE_COMMIT_DEADLINE']!r}: must be longer than "
+                f"UPDATE_HEALTH_WINDOW ({kw.get('health_window', 60)}s), or no version could ever commit",
+                "UPDATE_COMMIT_DEADLINE",
+                get["UPDATE_COMMIT_DEADLINE"],
+            )
+        kw["commit_deadline"] = deadline
+    if "UPDATE_HEARTBEAT_INTERVAL" in get:
+        kw["heartbeat_interval"] = _duration_or_zero(
+            "UPDATE_HEARTBEAT_INTERVAL", get["UPDATE_HEARTBEAT_INTERVAL"]
+        )
     report_url = get.get("UPDATE_REPORT_URL")
     if report_url == "disabled":
         kw["report_disabled"] = True

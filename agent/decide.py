@@ -3,8 +3,9 @@
 No I/O here: `check`, `run` and `update` all call :func:`decide` with what they read, so the
 whole decision table (DESIGN sections 2 and 3) is tested on data alone.
 
-Order: disabled > vm-only in a container > version (same / older without downgrade) >
-container or signal-only reports > bad version > wave (forced ``min_version`` skips it).
+Order: disabled > vm-only in a container > version (same / older without downgrade) > halted
+(rollout 0, unless ``min_version`` forces it) > container or signal-only reports > bad version >
+wave (forced ``min_version`` skips it).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def decide(manifest: Manifest, host: Host, bad_versions: Collection[tuple[str, s
         and target >= parse_version(manifest.min_version)
     )
 
+    if manifest.rollout.percent == 0 and not forced:
+        # Halted (DESIGN section 2): nobody acts, and containers don't call it available.
+        return Decision(NONE, "halted", bucket, wave)
     if host.mode == "container":
         return Decision(REPORT, "container", bucket, wave, forced)
     if host.update_mode == "signal-only":

@@ -12,8 +12,8 @@ Verification runs the rules in the contract's order; the first failure is the er
 3. ``expires`` in the future, with clock slack (``expired``);
 4. ``serial`` not below the highest accepted, an equal serial only with identical bytes
    (``serial_rollback``);
-5. every binary URL relative or http(s) (``bad_url``), an entry for the platform
-   (``no_binary_for_platform``).
+5. every binary URL relative, or absolute http(s) on the manifest's own origin or an allowed
+   origin (``bad_url``), an entry for the platform (``no_binary_for_platform``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ PAYLOAD_TYPE = "application/vnd.avika.manifest+json"
 SCHEMA = 1
 MAX_ENVELOPE_BYTES = 1 << 20
 CLOCK_SLACK = timedelta(minutes=5)
-# Serials and sizes must fit a Go int64 so a Go agent reads the same numbers.
+# Sizes must fit a Go int64 so a Go agent reads the same numbers.
 MAX_INT = (1 << 63) - 1
+# Serials stay exact in every JSON reader, JavaScript's doubles included (DESIGN section 2).
+MAX_SERIAL = (1 << 53) - 1
+# A verifier never does unbounded work: at most this many signature entries (DESIGN section 2).
+MAX_SIGNATURES = 16
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _PLATFORM_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
@@ -325,6 +330,10 @@ def _open_envelope(data: bytes) -> tuple[bytes, list[tuple[str | None, bytes]]]:
         raise MalformedEnvelope("envelope has no string 'payloadType'")
     if not isinstance(signatures, list):
         raise MalformedEnvelope("envelope has no 'signatures' list")
+    if not 1 <= len(signatures) <= MAX_SIGNATURES:
+        raise MalformedEnvelope(
+            f"envelope has {len(signatures)} signature entries, allowed 1..{MAX_SIGNATURES}"
+        )
     try:
         payload = _b64(payload_text)
     except (binascii.Error, ValueError):
@@ -447,6 +456,36 @@ class Rollout:
     percent: int = 100
     salt: str = ""
 
+    @property
+    def halted(self) -> bool:
+        """Percent 0: nobody acts on the release unless ``min_version`` forces it."""
+        return self.percent == 0
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """``rollout_plan``: the percents a release climbs through by itself (``avika-publish progress``).
+
+    Agents parse it strictly and decide nothing from it (DESIGN section 2).
+    """
+
+    steps: tuple[int, ...]
+    soak: str = "2h"
+    max_failure_rate: str = "0.05"
+    min_agents: int = 20
+
+    @property
+    def soak_seconds(self) -> int:
+        return parse_duration(self.soak)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": list(self.steps),
+            "soak": self.soak,
+            "max_failure_rate": self.max_failure_rate,
+            "min_agents": self.min_agents,
+        }
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -463,6 +502,9 @@ class Manifest:
     rollout: Rollout = field(default_factory=Rollout)
     downgrade: bool = False
     reports_url: str | None = None
+    container_digest: str | None = None
+    signed_at: datetime | None = None
+    rollout_plan: RolloutPlan | None = None
     schema: int = SCHEMA
     raw: bytes = b""
 
@@ -493,6 +535,9 @@ class Manifest:
             "rollout": {"percent": self.rollout.percent, "salt": self.rollout.salt},
             "downgrade": self.downgrade,
             "reports_url": self.reports_url,
+            "container_digest": self.container_digest,
+            "signed_at": None if self.signed_at is None else format_time(self.signed_at),
+            "rollout_plan": None if self.rollout_plan is None else self.rollout_plan.to_dict(),
         }
 
     def to_payload(self) -> bytes:
@@ -552,7 +597,7 @@ def parse_manifest(payload: bytes) -> Manifest:
     schema = _field(obj, "schema", int)
     if schema != SCHEMA:
         raise MalformedManifest(f"unknown schema {schema} (this agent reads schema {SCHEMA})")
-    serial = _int_in(_field(obj, "serial", int), "serial", 0, MAX_INT)
+    serial = _int_in(_field(obj, "serial", int), "serial", 1, MAX_SERIAL)
     version = _version_field(_field(obj, "version", str), "version")
     released_at = _time_field(obj, "released_at")
     expires = _time_field(obj, "expires")
@@ -579,6 +624,10 @@ def parse_manifest(payload: bytes) -> Manifest:
     min_version = _optional(obj, "min_version", str, None)
     if min_version is not None:
         _version_field(min_version, "min_version")
+    container_digest = _optional(obj, "container_digest", str, None)
+    if container_digest is not None and not _DIGEST_RE.fullmatch(container_digest):
+        raise MalformedManifest(f"container_digest {container_digest!r} is not sha256:<64 lowercase hex>")
+    signed_at = _time_field(obj, "signed_at") if obj.get("signed_at") is not None else None
     return Manifest(
         schema=schema,
         serial=serial,
@@ -592,8 +641,53 @@ def parse_manifest(payload: bytes) -> Manifest:
         rollout=rollout,
         downgrade=_optional(obj, "downgrade", bool, False),
         reports_url=_optional(obj, "reports_url", str, None),
+        container_digest=container_digest,
+        signed_at=signed_at,
+        rollout_plan=_rollout_plan(obj),
         raw=bytes(payload),
     )
+
+
+# The failure-rate threshold is a decimal string in JSON ("0.05"): the payload has no floats.
+_RATE_RE = re.compile(r"^(0(\.[0-9]{1,6})?|1(\.0{1,6})?)$")
+
+
+def _rollout_plan(obj: Mapping[str, Any]) -> RolloutPlan | None:
+    raw = _optional(obj, "rollout_plan", dict, None)
+    if raw is None:
+        return None
+    where = "rollout_plan: "
+    steps = _field(raw, "steps", list, where)
+    if not steps or len(steps) > 100:
+        raise MalformedManifest(f"{where}steps must hold 1 to 100 percents")
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 100:
+            raise MalformedManifest(f"{where}step {step!r} is not a percent 1..100")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise MalformedManifest(f"{where}steps {steps} are not strictly increasing")
+    if steps[-1] != 100:
+        raise MalformedManifest(f"{where}steps {steps} do not end at 100")
+    soak = _field(raw, "soak", str, where)
+    try:
+        parse_duration(soak)
+    except ValueError as exc:
+        raise MalformedManifest(f"{where}soak: {exc}") from None
+    rate = _field(raw, "max_failure_rate", str, where)
+    if not _RATE_RE.fullmatch(rate):
+        raise MalformedManifest(f"{where}max_failure_rate {rate!r} is not a decimal string from 0 to 1")
+    min_agents = _int_in(_field(raw, "min_agents", int, where), "rollout_plan.min_agents", 0, 1_000_000)
+    return RolloutPlan(steps=tuple(steps), soak=soak, max_failure_rate=rate, min_agents=min_agents)
+
+
+_DURATION_RE = re.compile(r"^(?:[0-9]{1,9}[smhd])+$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``30s``, ``15m``, ``1h30m``, ``2d`` (DESIGN section 3); ``ValueError`` otherwise."""
+    if not isinstance(text, str) or not _DURATION_RE.fullmatch(text.strip()):
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 1h30m")
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhd])", text))
 
 
 # ---------------------------------------------------------------- rules
@@ -607,8 +701,35 @@ class TrustState:
     digest: str | None = None
 
 
-def check_url(url: str) -> None:
-    """A binary URL is relative or absolute http(s); anything else is ``bad_url``."""
+def url_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an absolute http(s) URL, lower-cased, default port dropped.
+
+    None for anything else (relative, another scheme, no host, a bad port).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def check_url(url: str, manifest_url: str | None = None, origins: Sequence[str] = ()) -> None:
+    """A binary URL stays on ground the store controls, else ``bad_url`` (DESIGN section 2).
+
+    Relative URLs are fine (they resolve against the manifest). An absolute one -- or a
+    scheme-relative ``//host/...`` -- must resolve to the manifest's own origin or to one of
+    ``origins`` (``UPDATE_BINARY_ORIGINS``), so a key that can only re-sign (the maintenance job)
+    can never point the fleet at bytes that were not published to the store.
+    """
     if not url or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url) or "\\" in url:
         raise BadUrl(f"binary url {url!r} is empty or has spaces or control characters")
     try:
@@ -619,12 +740,32 @@ def check_url(url: str) -> None:
         raise BadUrl(f"binary url {url!r} has scheme {parts.scheme!r}, only http(s) is allowed")
     if parts.scheme and not parts.netloc:
         raise BadUrl(f"binary url {url!r} has no host")
+    if not parts.scheme and not parts.netloc:
+        return  # relative: on the manifest's own origin by construction
+    base = manifest_url or "https://manifest.invalid/"
+    origin = url_origin(urljoin(base, url))
+    if origin is None:
+        raise BadUrl(f"binary url {url!r} has no valid host or port")
+    own = url_origin(manifest_url) if manifest_url else None
+    if origin != own and origin not in origins:
+        allowed = ", ".join(x for x in (own, *origins) if x) or "none: only relative URLs"
+        raise BadUrl(f"binary url {url!r} is on {origin}, which is not an allowed origin ({allowed})")
 
 
 def check_rules(
-    manifest: Manifest, *, now: datetime, trust: TrustState = TrustState(), platform: str | None = None
+    manifest: Manifest,
+    *,
+    now: datetime,
+    trust: TrustState = TrustState(),
+    platform: str | None = None,
+    manifest_url: str | None = None,
+    binary_origins: Sequence[str] = (),
 ) -> None:
-    """The rules after parsing, in the contract's order. ``platform`` None = container agent."""
+    """The rules after parsing, in the contract's order. ``platform`` None = container agent.
+
+    ``manifest_url`` is where the envelope came from (None: absolute binary URLs are allowed only
+    on ``binary_origins``).
+    """
     if manifest.expires <= now - CLOCK_SLACK:
         # isoformat, not format_time: an instant near year 1 cannot always be shifted to UTC.
         raise Expired(f"manifest serial {manifest.serial} expired at {manifest.expires.isoformat()}")
@@ -636,7 +777,7 @@ def check_rules(
         if manifest.serial == trust.highest_serial and trust.digest and manifest.digest != trust.digest:
             raise SerialRollback(f"manifest serial {manifest.serial} was accepted before with other content")
     for binary in manifest.binaries.values():
-        check_url(binary.url)
+        check_url(binary.url, manifest_url, binary_origins)
     if platform is not None and platform not in manifest.binaries:
         raise NoBinaryForPlatform(
             f"manifest {manifest.version} has no binary for {platform} (has: {sorted(manifest.binaries)})"
@@ -651,10 +792,19 @@ def verify_manifest(
     now: datetime,
     trust: TrustState = TrustState(),
     platform: str | None = None,
+    manifest_url: str | None = None,
+    binary_origins: Sequence[str] = (),
 ) -> Manifest:
     """Everything an agent checks before it believes a manifest (DESIGN section 2, in order)."""
     manifest = parse_manifest(verify_envelope(data, trusted, threshold))
-    check_rules(manifest, now=now, trust=trust, platform=platform)
+    check_rules(
+        manifest,
+        now=now,
+        trust=trust,
+        platform=platform,
+        manifest_url=manifest_url,
+        binary_origins=binary_origins,
+    )
     return manifest
 
 

@@ -298,7 +298,7 @@ def _build(
     if reports_url is None and current.manifest is not None:
         reports_url = current.manifest.reports_url
     manifest = Manifest(
-        serial=0,  # assigned just before the archive write
+        serial=1,  # a placeholder: the real serial is assigned just before the archive write
         version=version,
         released_at=now,
         expires=now + spec.expires_in,
@@ -320,7 +320,7 @@ def _build(
 def _substance(manifest: Manifest) -> dict[str, Any]:
     """What a release says, without what every signing changes (serial, times)."""
     d = manifest.to_dict()
-    for name in ("serial", "released_at", "expires"):
+    for name in ("serial", "released_at", "expires", "signed_at"):
         d.pop(name)
     return d
 

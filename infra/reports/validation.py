@@ -35,9 +35,12 @@ STATES: tuple[str, ...] = (
     "committed",
     "rolled_back",
     "failed",
+    "heartbeat",
 )
 # States that belong to an install attempt, so they update the VERSION# outcome item.
-LIFECYCLE_STATES: frozenset[str] = frozenset(STATES) - {"checking", "update_available"}
+LIFECYCLE_STATES: frozenset[str] = frozenset(STATES) - {"checking", "update_available", "heartbeat"}
+# Liveness, not history (DESIGN section 5): it moves `last_seen`, never the lifecycle state.
+HEARTBEAT = "heartbeat"
 MODES: tuple[str, ...] = ("vm", "container")
 
 # `\Z`-anchored via fullmatch; the class is ASCII-only, so no Unicode look-alikes get through.
@@ -228,11 +231,13 @@ NULLABLE = {
 }
 # May be absent; null means absent.
 OPTIONAL = {
-    "failed_state": _choice(STATES),
+    "failed_state": _choice(tuple(s for s in STATES if s != HEARTBEAT)),
     "error": lambda v: _text(v, min_len=0, max_len=512),
     "image": lambda v: _text(v, min_len=0, max_len=256),
     "in_wave": _bool,
     "dropped": lambda v: _integer(v, minimum=0),
+    "last_result": lambda v: _text(v, min_len=0, max_len=64),
+    "uptime_s": lambda v: _integer(v, minimum=0),
 }
 # Every field a stored event can carry, in a stable order.
 EVENT_FIELDS: tuple[str, ...] = (*REQUIRED, *NULLABLE, *OPTIONAL)
