@@ -58,7 +58,21 @@ def setup_logging(level: int) -> None:
         root.addHandler(StderrHandler())
 
 
+def print_version(ctx: click.Context) -> None:
+    if not ctx.resilient_parsing:
+        click.echo(buildinfo.VERSION)
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: print_version(ctx) if value else None,
+    help="Print the version and exit (as `version` does).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS),

@@ -64,7 +64,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from agent import install
+from agent import cache, install
 from agent.config import AgentConfig
 from agent.events import EventSink
 from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
@@ -753,6 +753,7 @@ def rollback(
         return False
     clear_pending(config.state_dir)
     tracker.post(Event.ROLLBACK, code=reason, message=f"restored {pending.from_version}")
+    cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
     return True
 
 
@@ -767,6 +768,7 @@ def commit(config: AgentConfig, sink: EventSink, watch: Watch) -> None:
         saved.last_error = None
     log.info("committed %s (after %d boot(s))", pending.to_version, pending.boots)
     _tracker(sink, pending, State.WATCHING).post(Event.COMMIT)
+    cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
 
 
 class NothingToRollBack(Exception):
@@ -800,6 +802,7 @@ def rollback_installed(
         saved.last_result = State.ROLLED_BACK.value
         saved.last_error = {"code": MANUAL_ROLLBACK, "message": message, "state": State.COMMITTED.value}
     install.restore(target, backup, expect_sha256=previous)
+    cache.prune_builds(target, backup)  # only the current and backup builds' code stays
     sink.emit(
         State.ROLLED_BACK.value,
         target_version=version,
