@@ -15,7 +15,7 @@ How (nothing comes from the network: the wheels were fetched once by ``make venv
   interpreter's wheels for the target platform from ``packaging/platforms/<platform>-cpXY.json``
   (complete platforms limited to manylinux2014, so glibc >= 2.17; the arm64 ones are the amd64
   ones with the machine rewritten, which is how an amd64 host builds an arm64 file). Wheels come
-  from pex's cache in ``build/pex-root``; a proxy on a closed port stops any network access.
+  from pex's cache in ``.venv/pex-root``; a proxy on a closed port stops any network access.
 - Bytecode: every module is compiled by each of the five interpreters (hash-based pycs, a fixed
   hash seed: reproducible); dependencies ship as bytecode only, the agent's own code (``agent/``
   and the ``infra/`` modules it imports) with its sources for readable tracebacks.
@@ -63,7 +63,7 @@ REQUIREMENTS = PACKAGING / "agent-requirements.txt"
 LOCK = PACKAGING / "agent-lock.json"
 PLATFORM_DIR = PACKAGING / "platforms"
 MAIN_TEMPLATE = PACKAGING / "agent_main.py"
-PEX_ROOT = ROOT / "build" / "pex-root"
+PEX_ROOT = ROOT / ".venv" / "pex-root"  # set-up downloads live with the venv: `make clean` keeps them
 DEPS_CACHE = ROOT / "build" / "agent-deps"
 PEX3 = Path(sys.executable).with_name("pex3")
 # One version per project that every supported Python accepts (cryptography excludes 3.9.0/3.9.1).
@@ -180,7 +180,7 @@ def _pex3(args: list[str], *, offline: bool, what: str) -> None:
     )
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
-        hint = " (the locked wheels are not all in build/pex-root: run `make venv`)" if offline else ""
+        hint = " (the locked wheels are not all in .venv/pex-root: run `make venv`)" if offline else ""
         raise BuildError(f"{what} failed{hint}:\n" + "\n".join(detail[-15:]))
 
 

@@ -22,6 +22,7 @@ from agent.manifest import Manifest, ManifestError, Signer, format_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import valid_agent_id
 from publisher import fleet as fleet_view
+from publisher import inspect as inspection
 from publisher import release as publishing
 from publisher.errors import PublishError
 from publisher.options import (
@@ -216,6 +217,12 @@ def keygen(out: Path, as_json: bool) -> None:
     "--reports-url", metavar="URL", help="Where agents report (default: the live manifest's; '' for none)."
 )
 @click.option("--force", is_flag=True, help="Allow replacing the binaries of an already published version.")
+@click.option(
+    "--no-inspect",
+    is_flag=True,
+    help="Do not check that each binary is an agent build of VERSION for its platform trusting this "
+    "release's keys (a foreign build, e.g. a Go agent).",
+)
 @signing_options
 def release(
     version: str,
@@ -230,6 +237,7 @@ def release(
     downgrade: bool,
     reports_url: str | None,
     force: bool,
+    no_inspect: bool,
     dry_run: bool,
     as_json: bool,
     **signing: Any,
@@ -255,10 +263,27 @@ def release(
         force=force,
     )
     store, signers, invalidate = _publishing(dry_run, **signing)
+    inspection.check_release(binaries, version, signers, inspect_files=not no_inspect, warn=_note)
     outcome = publishing.release(
         store, signers, spec, dry_run=dry_run, progress=_progress(), invalidate=invalidate
     )
     _print_outcome(outcome, as_json)
+
+
+@main.command(name="inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def inspect_command(file: Path, as_json: bool) -> None:
+    """Print an agent file's build metadata (avika-build.json), read without running it.
+
+    Exit 2 if FILE is not an agent build. `--json`: the metadata, plus `file` and `native`
+    (machine -> number of native libraries inside).
+    """
+    build = inspection.inspect(file)
+    if as_json:
+        _print_json(build.to_json())
+    else:
+        click.echo("\n".join(inspection.describe(build)))
 
 
 def _resign(

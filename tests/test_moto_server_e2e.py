@@ -169,6 +169,7 @@ def release(version: str, binary: Path, key: Path, store: str, endpoint: str, en
         store,
         "--endpoint-url",
         endpoint,
+        "--no-inspect",  # a development launcher, not an agent build
         "--json",
         env=env,
         cwd=binary.parent,
