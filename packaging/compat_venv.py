@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         found = find_interpreters(args.versions, dict(p.split("=", 1) for p in args.python))
         for version, python in found.items():
-            print(f"{make(version, python).relative_to(ROOT)}: CPython {version} ({python}), {tag_of(version)} wheels")
+            venv = make(version, python).relative_to(ROOT)
+            print(f"{venv}: CPython {version} ({python}) with the {tag_of(version)} wheels of an agent file")
     except (BuildError, subprocess.CalledProcessError) as exc:
         print(f"compat_venv: {exc}", file=sys.stderr)
         return 1

@@ -353,7 +353,7 @@ def test_halt_refuses_when_another_version_is_live(
     done = cli(
         "release", "0.1.45", "--binary", f"linux-amd64={newer}", "--key", str(key.path), "--store", str(root),
         "--no-inspect",
-    )
+    )  # fmt: skip
     assert done.exit_code == 0, done.stderr
     canary_fleet(sqlite_fleet, committed=0, failed=3, rolled_back=0)
     unchanged = snapshot(root)
