@@ -203,7 +203,7 @@ def test_own_cdn_domain_requires_tls_1_2(
     assert default == {"CloudFrontDefaultCertificate": True}
     assert config["Aliases"]["Fn::If"][0] == "HasCdnDomain"
     # A domain without a certificate (or the reverse) is refused before anything is created.
-    assert set(template["Rules"]) == {"CdnDomainNeedsCertificate", "CertificateNeedsCdnDomain"}
+    assert {"CdnDomainNeedsCertificate", "CertificateNeedsCdnDomain"} <= set(template["Rules"])
 
 
 def test_secret_and_log_groups_use_the_stacks_data_key(resources: dict[str, dict[str, Any]]) -> None:
@@ -225,11 +225,13 @@ def test_distribution_serves_bucket_root_through_oac_over_https(resources: dict[
     assert oac["OriginAccessControlConfig"]["SigningBehavior"] == "always"
     assert oac["OriginAccessControlConfig"]["SigningProtocol"] == "sigv4"
     config = one_of_type(resources, "AWS::CloudFront::Distribution")["Properties"]["DistributionConfig"]
-    (origin,) = config["Origins"]
+    (origin,) = [o for o in config["Origins"] if o["Id"] == "updates-bucket"]
     assert "OriginPath" not in origin
     assert "OriginAccessControlId" in origin
     behaviours = [config["DefaultCacheBehavior"], *config["CacheBehaviors"]]
-    assert {b["ViewerProtocolPolicy"] for b in behaviours} == {"redirect-to-https"}
+    from_bucket = [b for b in behaviours if b["TargetOriginId"] == "updates-bucket"]
+    assert {b["ViewerProtocolPolicy"] for b in from_bucket} == {"redirect-to-https"}
+    assert {b["ViewerProtocolPolicy"] for b in behaviours} <= {"redirect-to-https", "https-only"}
     assert config["HttpVersion"] == "http2and3"
     assert config["PriceClass"] == {"Ref": "PriceClass"}
 
@@ -276,22 +278,170 @@ def test_reports_table_matches_the_shared_key_schema(resources: dict[str, dict[s
     assert table["DeletionPolicy"] == table["UpdateReplacePolicy"] == "Retain"
 
 
-def test_reports_lambda_uses_the_contract_entry_point(resources: dict[str, dict[str, Any]]) -> None:
-    props = one_of_type(resources, "AWS::Lambda::Function")["Properties"]
+@pytest.mark.parametrize("name", ["ReportsFunction", "ConsoleFunction"])
+def test_both_lambdas_use_the_contract_entry_point(name: str, resources: dict[str, dict[str, Any]]) -> None:
+    # One package, one handler that dispatches by route (DESIGN 5, 9); two functions, so the signing right
+    # is never in the function that every agent (and anyone) reaches without a token.
+    props = resources[name]["Properties"]
     assert props["Handler"] == "infra.reports.handler.handler"
     assert props["Runtime"] == "python3.12"
     assert props["Code"] == {"S3Bucket": {"Ref": "CodeS3Bucket"}, "S3Key": {"Ref": "CodeS3Key"}}
+    assert "ReservedConcurrentExecutions" in props
+
+
+def test_reports_lambda_is_configured_for_reports_only(resources: dict[str, dict[str, Any]]) -> None:
+    props = resources["ReportsFunction"]["Properties"]
     assert set(props["Environment"]["Variables"]) == {"AVIKA_REPORTS_TABLE", "AVIKA_FLEET_SECRET_ID"}
     assert props["ReservedConcurrentExecutions"] == {"Ref": "ReservedConcurrency"}
+
+
+def test_console_lambda_is_configured_for_the_operator_api(resources: dict[str, dict[str, Any]]) -> None:
+    function = resources["ConsoleFunction"]
+    assert function["Condition"] == "HasConsole"
+    variables = function["Properties"]["Environment"]["Variables"]
+    assert variables == {
+        "AVIKA_REPORTS_TABLE": {"Ref": "ReportsTable"},
+        "AVIKA_STORE": {"Fn::Sub": "s3://${UpdatesBucket}/${Prefix}"},
+        "AVIKA_KMS_KEY_ID": {"Ref": "SigningKey"},
+        "AVIKA_CLOUDFRONT_DISTRIBUTION_ID": {"Ref": "Distribution"},
+        "AVIKA_PUBLIC_KEYS": {"Ref": "PublicKeys"},
+        "AVIKA_CONSOLE_JWT_ISSUER": {"Ref": "ConsoleOidcIssuerUrl"},
+        "AVIKA_CONSOLE_JWT_AUDIENCE": {"Ref": "ConsoleOidcAudience"},
+    }
+    assert "AVIKA_FLEET_SECRET_ID" not in variables  # it never needs an agent's secret
+
+
+def test_console_lambda_role_can_resign_but_never_write_binaries(
+    resources: dict[str, dict[str, Any]],
+) -> None:
+    statements = policy_statements("ConsoleFunctionRole", resources)
+    assert actions_of(statements) == {
+        "dynamodb:GetItem",
+        "dynamodb:Query",
+        "dynamodb:PutItem",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
+        "kms:Sign",
+        "kms:GetPublicKey",
+        "cloudfront:CreateInvalidation",
+        "cloudfront:GetInvalidation",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }
+    writable = [
+        sub_text(r)
+        for s in statements
+        if "s3:PutObject" in as_list(s["Action"])
+        for r in as_list(s["Resource"])
+    ]
+    assert sorted(writable) == [
+        "${UpdatesBucket.Arn}/${Prefix}/helm-values.yaml",
+        "${UpdatesBucket.Arn}/${Prefix}/manifest.json",
+        "${UpdatesBucket.Arn}/${Prefix}/manifests/*",
+    ]
+    for statement in statements:
+        assert "*" not in as_list(statement["Resource"]), statement
+
+
+def routes_by_key(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["Properties"]["RouteKey"]: r for r in of_type(resources, "AWS::ApiGatewayV2::Route")}
+
+
+OPERATOR_ROUTES = {
+    "GET /v1/fleet": ["avika/read", "avika/operate"],
+    "GET /v1/agents/{agent_id+}": ["avika/read", "avika/operate"],
+    "GET /v1/releases": ["avika/read", "avika/operate"],
+    "POST /v1/rollout": ["avika/operate"],
+    "POST /v1/halt": ["avika/operate"],
+}
+
+
+def test_operator_routes_need_a_jwt_with_the_right_scope(
+    template: dict[str, Any], resources: dict[str, dict[str, Any]]
+) -> None:
+    routes = routes_by_key(resources)
+    for key, scopes in OPERATOR_ROUTES.items():
+        route = routes[key]
+        assert route["Condition"] == "HasConsole", key
+        props = route["Properties"]
+        assert props["AuthorizationType"] == "JWT", key
+        assert props["AuthorizerId"] == {"Ref": "ConsoleAuthorizer"}, key
+        assert props["AuthorizationScopes"] == scopes, key
+        assert sub_text(props["Target"]) == "integrations/${ConsoleIntegration}", key
+    authorizer = resources["ConsoleAuthorizer"]["Properties"]
+    assert authorizer["AuthorizerType"] == "JWT"
+    assert authorizer["IdentitySource"] == ["$request.header.Authorization"]
+    assert authorizer["JwtConfiguration"] == {
+        "Issuer": {"Ref": "ConsoleOidcIssuerUrl"},
+        "Audience": [{"Ref": "ConsoleOidcAudience"}],
+    }
+    # Both parameters or neither; without them there is no operator API (and no third signer).
+    condition = template["Conditions"]["HasConsole"]["Fn::And"]
+    assert {"Fn::Not": [{"Fn::Equals": [{"Ref": "ConsoleOidcIssuerUrl"}, ""]}]} in condition
+    assert {"Fn::Not": [{"Fn::Equals": [{"Ref": "ConsoleOidcAudience"}, ""]}]} in condition
+
+
+def test_agents_report_without_the_authorizer(resources: dict[str, dict[str, Any]]) -> None:
+    # Agents hold HMAC report tokens, not JWTs: the reports routes stay open at the gateway.
+    routes = routes_by_key(resources)
+    for key in ("POST /v1/reports", "ANY /v1/reports"):
+        props = routes[key]["Properties"]
+        assert props.get("AuthorizationType", "NONE") == "NONE", key
+        assert "Condition" not in routes[key]
+        assert sub_text(props["Target"]) == "integrations/${ReportsIntegration}", key
+    assert set(routes) == {"POST /v1/reports", "ANY /v1/reports", *OPERATOR_ROUTES}
+
+
+def test_console_is_served_from_the_bucket_with_a_strict_csp(resources: dict[str, dict[str, Any]]) -> None:
+    config = resources["Distribution"]["Properties"]["DistributionConfig"]
+    by_pattern = {b["PathPattern"]: b for b in config["CacheBehaviors"]}
+    headers = resources["ConsoleHeadersPolicy"]["Properties"]["ResponseHeadersPolicyConfig"]
+    csp = headers["SecurityHeadersConfig"]["ContentSecurityPolicy"]
+    assert csp["Override"] is True
+    assert csp["ContentSecurityPolicy"].split(";")[0] == "default-src 'self'"
+    assert "frame-ancestors 'none'" in csp["ContentSecurityPolicy"]
+    assert headers["SecurityHeadersConfig"]["ReferrerPolicy"]["ReferrerPolicy"] == "no-referrer"
+    for pattern in ("console", "console/*"):
+        behaviour = by_pattern[pattern]
+        assert behaviour["TargetOriginId"] == "updates-bucket"
+        assert behaviour["ResponseHeadersPolicyId"] == {"Ref": "ConsoleHeadersPolicy"}
+        assert cache_policy_max_ttl(behaviour["CachePolicyId"], resources) <= 60
+        (function,) = behaviour["FunctionAssociations"]
+        assert function["EventType"] == "viewer-request"
+    code = resources["ConsoleIndexFunction"]["Properties"]["FunctionCode"]
+    assert "'/console/'" in code and "index.html" in code
+
+
+def test_api_shares_the_consoles_origin_uncached(resources: dict[str, dict[str, Any]]) -> None:
+    config = resources["Distribution"]["Properties"]["DistributionConfig"]
+    origins = {o["Id"]: o for o in config["Origins"]}
+    assert (
+        sub_text(origins["api"]["DomainName"]) == "${ReportsApi}.execute-api.${AWS::Region}.${AWS::URLSuffix}"
+    )
+    assert origins["api"]["CustomOriginConfig"]["OriginProtocolPolicy"] == "https-only"
+    api = {b["PathPattern"]: b for b in config["CacheBehaviors"]}["v1/*"]
+    assert api["TargetOriginId"] == "api"
+    assert api["ViewerProtocolPolicy"] == "https-only"  # a redirect would turn a POST into a GET
+    assert "POST" in api["AllowedMethods"]
+    assert api["CachePolicyId"] == "4135ea2d-6df8-44a3-9df3-4b5a84be39ad"  # CachingDisabled
+    # AllViewerExceptHostHeader: Authorization and If-Match / If-None-Match reach the API.
+    assert api["OriginRequestPolicyId"] == "b689b0a8-53d0-40ab-baf2-68738e2966ac"
+    permission = resources["ConsoleInvokePermission"]["Properties"]
+    assert permission["FunctionName"] == {"Ref": "ConsoleFunction"}
+    assert sub_text(permission["SourceArn"]).endswith(":${ReportsApi}/*/*/v1/*")
 
 
 def test_http_api_routes_reports_to_the_lambda_with_payload_v2(resources: dict[str, dict[str, Any]]) -> None:
     assert one_of_type(resources, "AWS::ApiGatewayV2::Api")["Properties"]["ProtocolType"] == "HTTP"
     routes = {r["Properties"]["RouteKey"] for r in of_type(resources, "AWS::ApiGatewayV2::Route")}
     assert "POST /v1/reports" in routes
-    integration = one_of_type(resources, "AWS::ApiGatewayV2::Integration")["Properties"]
-    assert integration["IntegrationType"] == "AWS_PROXY"
-    assert integration["PayloadFormatVersion"] == "2.0"
+    for integration in of_type(resources, "AWS::ApiGatewayV2::Integration"):
+        assert integration["Properties"]["IntegrationType"] == "AWS_PROXY"
+        assert integration["Properties"]["PayloadFormatVersion"] == "2.0"
+    assert resources["ReportsIntegration"]["Properties"]["IntegrationUri"] == {
+        "Fn::GetAtt": ["ReportsFunction", "Arn"]
+    }
     stage = one_of_type(resources, "AWS::ApiGatewayV2::Stage")["Properties"]
     assert set(stage["DefaultRouteSettings"]) >= {"ThrottlingBurstLimit", "ThrottlingRateLimit"}
     assert "AccessLogSettings" in stage
@@ -401,6 +551,7 @@ def test_release_role_can_abort_its_multipart_uploads(resources: dict[str, dict[
 
 ACCOUNT_ROOT = "arn:${AWS::Partition}:iam::${AWS::AccountId}:root"
 SIGNERS = {"ReleaseRole", "MaintenanceRole"}
+CONSOLE_SIGNER = "ConsoleFunctionRole"  # the operator API's Lambda, only when the stack has the console
 
 
 @dataclass(frozen=True)
@@ -448,6 +599,18 @@ def _condition_holds(condition: dict[str, Any], caller: Caller, context: dict[st
     return True
 
 
+def resolve(value: Any, conditions: dict[str, bool]) -> Any:
+    """The template value with every Fn::If decided by ``conditions`` (all of its conditions named)."""
+    if isinstance(value, dict) and "Fn::If" in value:
+        name, when_true, when_false = value["Fn::If"]
+        return resolve(when_true if conditions[name] else when_false, conditions)
+    if isinstance(value, dict):
+        return {k: resolve(v, conditions) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, conditions) for v in value]
+    return value
+
+
 def key_policy_decision(
     statements: list[dict[str, Any]], caller: Caller, action: str, context: dict[str, str] | None = None
 ) -> str:
@@ -488,6 +651,9 @@ KEY_POLICY_CASES = [
     ("ReleaseRole", "kms:CreateGrant", {}, "deny"),
     ("MaintenanceRole", "kms:CreateGrant", {}, "deny"),
     ("ReleaseRole", "kms:PutKeyPolicy", {}, "implicit-deny"),
+    # The reports function answers every agent (and anyone) without a JWT: it never signs.
+    ("ReportsFunctionRole", "kms:Sign", {}, "deny"),
+    ("ConsoleFunctionRole", "kms:CreateGrant", {}, "deny"),
     # The key stays administrable: an administrator can still read, disable, delete and re-policy it.
     (ADMIN, "kms:PutKeyPolicy", {}, "allow"),
     (ADMIN, "kms:DescribeKey", {}, "allow"),
@@ -506,27 +672,34 @@ def _case_id(case: tuple[Any, ...]) -> str:
     return f"{who}-{action}{extra}-{expected}"
 
 
+@pytest.mark.parametrize("console", [True, False], ids=["with-console", "without-console"])
 @pytest.mark.parametrize("case", KEY_POLICY_CASES, ids=[_case_id(c) for c in KEY_POLICY_CASES])
-def test_signing_key_policy_decides(case: tuple[Any, ...], resources: dict[str, dict[str, Any]]) -> None:
+def test_signing_key_policy_decides(
+    case: tuple[Any, ...], console: bool, resources: dict[str, dict[str, Any]]
+) -> None:
     caller, action, context, expected = case
     if isinstance(caller, str):
         caller = role_caller(caller, resources)
-    statements = resources["SigningKey"]["Properties"]["KeyPolicy"]["Statement"]
+    statements = resolve(
+        resources["SigningKey"]["Properties"]["KeyPolicy"]["Statement"], {"HasConsole": console}
+    )
     assert key_policy_decision(statements, caller, action, context) == expected
 
 
-def test_only_the_signer_roles_can_sign(resources: dict[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("console", [True, False], ids=["with-console", "without-console"])
+def test_only_the_signer_roles_can_sign(console: bool, resources: dict[str, dict[str, Any]]) -> None:
     key = resources["SigningKey"]["Properties"]
     assert key["KeySpec"] == "ECC_NIST_EDWARDS25519"
     assert key["KeyUsage"] == "SIGN_VERIFY"
-    statements = key["KeyPolicy"]["Statement"]
+    statements = resolve(key["KeyPolicy"]["Statement"], {"HasConsole": console})
     roles = [name for name, r in resources.items() if r["Type"] == "AWS::IAM::Role"]
     can_sign = {
         role
         for role in roles
         if key_policy_decision(statements, Caller(role, frozenset({"*"})), "kms:Sign") == "allow"
     }
-    assert can_sign == SIGNERS
+    assert can_sign == (SIGNERS | {CONSOLE_SIGNER} if console else SIGNERS)
+    assert resources[CONSOLE_SIGNER]["Condition"] == "HasConsole"
 
 
 def test_outputs_name_what_the_publisher_and_agents_need(template: dict[str, Any]) -> None:
@@ -541,5 +714,12 @@ def test_outputs_name_what_the_publisher_and_agents_need(template: dict[str, Any
         "ReportsTableName",
         "FleetSecretArn",
     }
-    assert sub_text(template["Outputs"]["CdnUrl"]["Value"]) == "https://${Distribution.DomainName}/${Prefix}"
+    assert [sub_text(v) for v in if_branches(template["Outputs"]["CdnUrl"]["Value"])] == [
+        "https://${CdnDomainName}/${Prefix}",
+        "https://${Distribution.DomainName}/${Prefix}",
+    ]
+    assert [sub_text(v) for v in if_branches(template["Outputs"]["ConsoleUrl"]["Value"])] == [
+        "https://${CdnDomainName}/console/",
+        "https://${Distribution.DomainName}/console/",
+    ]
     assert sub_text(template["Outputs"]["ReportsUrl"]["Value"]) == "${ReportsApi.ApiEndpoint}/v1/reports"
