@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +243,7 @@ def _compile(python: str, src: Path, dest: Path) -> dict[str, str]:
     """Legacy pycs of every .py under ``src``, by ``python``; returns {file: error} it could not compile."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0"}
     done = subprocess.run(
-        [python, "-I", "-c", _COMPILE, str(src), str(dest)],
+        [python, "-s", "-c", _COMPILE, str(src), str(dest)],  # not -I: it would ignore PYTHONHASHSEED
         env=env,
         capture_output=True,
         text=True,
@@ -259,7 +259,7 @@ def deps_for(platform: str, version: str, python: str) -> Path:
     build/agent-deps by lock, platform and interpreter: a rebuild only compiles the agent's code."""
     key = hashlib.sha256(
         "\n".join(
-            [_lock_digest(), platform_file(platform, version).read_text(), python, sys.version]
+            [_lock_digest(), platform_file(platform, version).read_text(), python, _COMPILE]
         ).encode()
     ).hexdigest()[:16]
     done = DEPS_CACHE / f"{platform}-{tag_of(version)}-{key}"
@@ -293,10 +293,29 @@ def dependency_versions(deps: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- the agent's own code
 
 
+def _module_level(tree: ast.Module) -> Iterator[ast.stmt]:
+    """The statements a module runs on import (``if TYPE_CHECKING:`` and function bodies left out)."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop(0)
+        yield node
+        if isinstance(node, ast.If) and not (
+            isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        ):
+            pending += [*node.body, *node.orelse]
+        elif isinstance(node, ast.Try):
+            pending += [
+                *node.body,
+                *node.orelse,
+                *node.finalbody,
+                *(s for h in node.handlers for s in h.body),
+            ]
+
+
 def _imported_modules(path: Path, package: str) -> set[str]:
-    """Modules ``path`` (in ``package``) imports: absolute names, relative ones resolved."""
+    """Modules ``path`` (in ``package``) imports when imported: absolute names, relative ones resolved."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in _module_level(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
