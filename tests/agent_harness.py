@@ -316,6 +316,7 @@ class Host:
             "UPDATE_MAX_BOOT_ATTEMPTS": "3",
             "UPDATE_REPORT_URL": "disabled",
             "AVIKA_LOG_FORMAT": "json",
+            "AVIKA_AGENT_CACHE": str(self.dir / "cache"),  # where a real agent file unpacks its code
         }
         env.update(self.env_extra)
         env.update(overrides)
