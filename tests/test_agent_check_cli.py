@@ -154,7 +154,9 @@ DECISIONS = [
     # id, current version, manifest fields, env, expected (action, reason, forced, in_wave)
     ("newer-version", "0.1.40", {}, {}, ("update", "newer_version", False, True)),
     ("up-to-date", "0.1.44", {}, {}, ("none", "up_to_date", False, True)),
-    ("not-in-wave", "0.1.40", {"percent": 0}, {}, ("none", "not_in_wave", False, False)),
+    # AGENT_ID's bucket under salt 0.1.44 is 69: percent 69 leaves it just outside the wave.
+    ("not-in-wave", "0.1.40", {"percent": 69}, {}, ("none", "not_in_wave", False, False)),
+    ("halted", "0.1.40", {"percent": 0}, {}, ("none", "halted", False, False)),
     ("local-cap", "0.1.40", {}, {"UPDATE_ROLLOUT_PERCENT": "0"}, ("none", "not_in_wave", False, False)),
     (
         "container-reports",
@@ -166,9 +168,23 @@ DECISIONS = [
     (
         "container-reports-outside-wave",
         "0.1.40",
-        {"percent": 0},
+        {"percent": 69},
         {"DEPLOYMENT_MODE": "container"},
         ("report", "container", False, False),
+    ),
+    (
+        "container-quiet-when-halted",
+        "0.1.40",
+        {"percent": 0},
+        {"DEPLOYMENT_MODE": "container"},
+        ("none", "halted", False, False),
+    ),
+    (
+        "forced-min-version-skips-a-halt",
+        "0.1.40",
+        {"percent": 0, "min_version": "0.1.42"},
+        {},
+        ("update", "below_min_version", True, False),
     ),
     ("signal-only", "0.1.40", {}, {"UPDATE_MODE": "signal-only"}, ("report", "signal_only", False, True)),
     (
