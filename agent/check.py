@@ -209,7 +209,10 @@ def rebuild_trust(config: AgentConfig, state: AgentState) -> None:
     envelope = read_cached_envelope(config.state_dir)
     if envelope is None:
         if state.highest_serial is None and state.corrupt:
-            log.warning("no cached manifest to rebuild the trust state from: any serial is accepted once")
+            log.warning(
+                "no cached manifest to rebuild the trust state from: the next manifest that verifies "
+                "sets the highest serial again"
+            )
         return
     try:
         cached = _cached_manifest(config, envelope)
