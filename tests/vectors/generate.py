@@ -495,12 +495,12 @@ def build_cases() -> list[Case]:
     )
     add(
         "ok_16_signatures_one_valid",
-        "16 signature entries, the most allowed: 15 junk ones (64 bytes, naming k1) and k1's own last.",
+        "16 signature entries, the most allowed: 15 by the untrusted key (naming k1) and k1's own last.",
         envelope_bytes(
             {
                 "payloadType": PAYLOAD_TYPE,
                 "payload": b64(payload),
-                "signatures": [{"keyid": KEYS["k1"].keyid, "sig": b64(bytes(range(64)))}] * 15
+                "signatures": [{"keyid": KEYS["k1"].keyid, "sig": b64(sign("untrusted", payload))}] * 15
                 + [sig_entry("k1", payload)],
             }
         ),
@@ -846,10 +846,10 @@ def build_cases() -> list[Case]:
         ),
         error("signature_invalid"),
     )
-    junk = {"keyid": KEYS["k1"].keyid, "sig": b64(bytes(range(64)))}
+    junk = {"keyid": KEYS["k1"].keyid, "sig": b64(sign("untrusted", minimal_payload))}
     add(
         "signature_invalid_16_junk_signatures",
-        "16 well-formed signature entries, none made by a trusted key.",
+        "16 signature entries, all made by the untrusted key (naming k1): each is verified, none counts.",
         envelope_bytes(
             {"payloadType": PAYLOAD_TYPE, "payload": b64(minimal_payload), "signatures": [junk] * 16}
         ),
