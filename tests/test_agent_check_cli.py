@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent import buildinfo, check, config, environment, lifecycle
@@ -765,6 +765,9 @@ hostile_bytes = st.one_of(
 @given(
     name=st.sampled_from(STATE_DIR_FILES), data=hostile_bytes, command=st.sampled_from(["check", "status"])
 )
+@example(name=STATE_FILE, data=b'{"highest_serial": "5"}', command="check")  # a TypeError before
+@example(name=STATE_FILE, data=b'{"highest_serial": ""}', command="status")  # printed as a serial before
+@example(name=CACHED_ETAG, data=b'"a"\r\nX-Injected: 1', command="check")  # an invalid header before
 def test_no_file_in_the_state_dir_makes_the_real_agent_print_a_traceback(
     agent: Agent, name: str, data: bytes, command: str
 ) -> None:
