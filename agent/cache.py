@@ -17,9 +17,11 @@ part of the build importable:
   process runs, and anything imported late comes from this build's own ``site.zip``.
 
 Bounded: after a commit or a rollback :func:`prune_builds` keeps the builds of the target and of
-its backup only (and temporary directories of live processes); a smoke test runs the new file
-with :func:`private_root`, which is removed afterwards. Standard library only, and nothing from
-the agent: this module runs before anything else of the build is importable.
+its backup only (and temporary directories of live processes). A smoke test runs the new file
+with :func:`private_root`, removed afterwards; when the test passes, :func:`adopt` first keeps
+what it unpacked as that build's code, so the new version's first start after the swap (the
+restart's hot path) unpacks nothing. Standard library only, and nothing from the agent: this
+module runs before anything else of the build is importable.
 """
 
 from __future__ import annotations
@@ -349,6 +351,39 @@ def private_root() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(top: Path) -> None:
+    for path in sorted(top.rglob("*"), reverse=True):
+        if path.is_file() or path.is_dir():
+            _fsync(path)
+    _fsync(top)
+
+
+def adopt(private: Path, build_id: str | None) -> bool:
+    """Keep a passed smoke test's unpacking (in ``private``) as ``build_id``'s code in this root.
+
+    Made durable here (the smoke test itself fsyncs nothing), then moved in with one rename per
+    Python; False if there is nothing to keep (not running from an agent file, not an agent build).
+    """
+    facts = booted()
+    if facts is None or build_id is None or not (private / build_id).is_dir():
+        return False
+    source, dest = private / build_id, Path(facts["root"]) / build_id
+    _fsync_tree(source)
+    if not dest.exists():
+        with contextlib.suppress(FileExistsError, OSError):
+            os.rename(source, dest)
+    else:  # another Python's code of this build is there already: add this one's
+        for part in source.iterdir():
+            if not (dest / part.name).exists():
+                with contextlib.suppress(OSError):
+                    os.rename(part, dest / part.name)
+    _fsync(Path(facts["root"]))
+    if dest.is_dir():
+        _fsync(dest)
+        return True
+    return False
 
 
 def space_needed() -> tuple[Path, int] | None:

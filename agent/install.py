@@ -15,13 +15,17 @@ pending record. What each step guarantees:
   caller stream the download into it, fsyncs it and gives it the target's mode and owner.
 - :func:`smoke_test` runs ``<staged> version`` (10 s): a binary that cannot even start, or that
   is not the version the manifest names, never replaces a working one. It runs with a private
-  code cache (:func:`agent.cache.private_root`), removed afterwards: it leaves nothing behind.
+  code cache (:func:`agent.cache.private_root`), removed afterwards: it leaves nothing behind but,
+  when it passes, the staged build's unpacked code, kept for that build's first start after the
+  swap (:func:`agent.cache.adopt`).
 - :func:`swap` keeps the current binary as ``<target>.backup`` through a hard link, then moves the
   staged file over the target with one ``os.replace`` and fsyncs the directory: at every instant
   the target path names a complete binary, the old one or the new one.
 - :func:`restore` puts ``.backup`` back the same way (the backup stays, so a second restore is a
   no-op).
-- :func:`cleanup_stale` removes what a killed attempt left next to the target.
+- :func:`cleanup_stale` removes what a killed attempt left next to the target, and in the code
+  cache any build that is neither the target's nor its backup's (a smoke test's code kept for an
+  attempt that then failed).
 
 Errors are :class:`InstallError` subclasses whose ``code`` is the reported error code.
 """
@@ -339,10 +343,16 @@ def smoke_test(staged: Path, version: str, timeout: float = SMOKE_TIMEOUT) -> No
     """``<staged> version`` must exit 0 and print ``version``; ``SmokeTestFailed`` otherwise.
 
     The staged file unpacks its code (if it is an agent file) into a private cache root, removed
-    when it exits: the first start after the swap unpacks it for good.
+    when this returns; if the test passes, that code is first kept as the staged build's, so its
+    first start after the swap does not unpack it again.
     """
     with cache.private_root() as root:
         status, out, err = run_version(staged, timeout, {**os.environ, cache.ENV_VAR: str(root)})
+        _check_smoke(staged, version, status, out, err)
+        cache.adopt(root, cache.build_id_of(staged))
+
+
+def _check_smoke(staged: Path, version: str, status: int, out: str, err: str) -> None:
     if status != 0:
         tail = err.strip().splitlines()[-1:] or [""]
         raise SmokeTestFailed(f"`{staged.name} version` failed (status {status}): {tail[0][:200]}")
@@ -408,7 +418,9 @@ def cleanup_stale(target: Path, *, keep: Path | None = None, before: float | Non
 
     Only files older than ``before`` (a ``time.time()``; default now) go, so an attempt never
     removes what it is writing. Call it under the update lock: then every such file is stale.
+    The code cache keeps the target's and the backup's builds (:func:`agent.cache.prune_builds`).
     """
+    cache.prune_builds(target, backup_path(target))
     before = time.time() if before is None else before
     prefixes = tuple(f".{target.name}{tag}" for tag in (STAGED_TAG, *_LINK_TAGS))
     removed: list[Path] = []

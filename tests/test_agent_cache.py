@@ -289,30 +289,54 @@ def test_the_private_root_is_gone_after_the_block_whatever_happened(booted: Path
 
 
 def fake_agent_file(path: Path, version: str) -> None:
-    """A staged "agent file" that unpacks into its cache root as a real one would, then answers."""
-    path.write_text(
+    """A staged "agent file": a shell script that unpacks into its cache root as a real one would
+    and answers ``version``, with an agent file's metadata appended (a zip after a script is still
+    a zip archive)."""
+    script = (
         "#!/bin/sh\n"
-        'mkdir -p "$AVIKA_AGENT_CACHE/9.9.9-0123456789abcdef/cp3x" && '
-        'echo code > "$AVIKA_AGENT_CACHE/9.9.9-0123456789abcdef/cp3x/site.zip"\n'
+        f'mkdir -p "$AVIKA_AGENT_CACHE/{OTHER_ID}/{TAG}"\n'
+        f'echo code > "$AVIKA_AGENT_CACHE/{OTHER_ID}/{TAG}/site.zip"\n'
         'echo "$AVIKA_AGENT_CACHE" > "$(dirname "$0")/cache-it-saw"\n'
         f"echo {version}\n"
+        "exit 0\n"
     )
+    make_archive(path.with_suffix(".zip"), OTHER_ID)
+    path.write_bytes(script.encode() + path.with_suffix(".zip").read_bytes())
     path.chmod(0o755)
 
 
 @pytest.mark.parametrize("printed", ["2.0.0", "1.9.9"], ids=["passes", "fails"])
-def test_the_smoke_test_leaves_nothing_behind(booted: Path, tmp_path: Path, printed: str) -> None:
+def test_the_smoke_test_leaves_nothing_behind_but_a_passing_build_s_code(
+    booted: Path, tmp_path: Path, printed: str
+) -> None:
     staged = tmp_path / "bin" / ".avika-agent.avika-staged.2.0.0.1"
     staged.parent.mkdir()
     fake_agent_file(staged, printed)
+    assert cache.build_id_of(staged) == OTHER_ID
     if printed == "2.0.0":
         install.smoke_test(staged, "2.0.0")
     else:
         with pytest.raises(install.SmokeTestFailed):
             install.smoke_test(staged, "2.0.0")
     seen = Path((staged.parent / "cache-it-saw").read_text().strip())
-    assert seen.parent == booted  # unpacked where the pre-flight counted the space...
-    assert list(booted.iterdir()) == []  # ...and removed
+    assert seen.parent == booted and seen.name.startswith(
+        cache.PRIVATE_PREFIX
+    )  # where the pre-flight counted
+    if printed == "2.0.0":  # kept as the staged build's code: its first start unpacks nothing
+        assert [p.name for p in booted.iterdir()] == [OTHER_ID]
+        assert (booted / OTHER_ID / TAG / cache.SITE).read_text() == "code\n"
+    else:
+        assert list(booted.iterdir()) == []
+
+
+def test_adopt_adds_a_python_to_a_build_already_there(booted: Path, tmp_path: Path) -> None:
+    (booted / OTHER_ID / "cp39").mkdir(parents=True)
+    private = booted / f"{cache.PRIVATE_PREFIX}1-x"
+    (private / OTHER_ID / TAG).mkdir(parents=True)
+    (private / OTHER_ID / TAG / cache.SITE).write_text("code")
+    assert cache.adopt(private, OTHER_ID)
+    assert sorted(p.name for p in (booted / OTHER_ID).iterdir()) == sorted({"cp39", TAG})
+    assert not cache.adopt(private, None) and not cache.adopt(private, "1.0-0000000000000000")
 
 
 def test_the_preflight_counts_the_unpacked_code(
