@@ -10,8 +10,8 @@ file, ``old`` = the shiv build before issue 11), all on 127.0.0.1 in one tempora
    manifest in the store layout, served by ``publisher.serve``, the local CDN);
 2. starts 1.0.0 with ``run`` and the ``exec`` restart method (``python3`` on PATH: this Python);
 3. runs ``avika-agent update`` by hand: it downloads, verifies, smoke-tests (``<staged> version``),
-   swaps, then signals the running agent, which re-execs into 2.0.0 (same PID), whose first start
-   unpacks its code (the smoke test's unpacking was private and is gone);
+   swaps, then signals the running agent, which re-execs into 2.0.0 (same PID); the new file finds
+   its code unpacked (the passing smoke test's unpacking was kept), the old shiv build extracts it;
 4. prints the peak RSS of the ``update`` process (``VmHWM``: polled from /proc every 5 ms, and as
    the process itself logged it at the swap), the time the transaction took, and the time from
    the swap to the new version running and from its exec to running (both ends read from the
@@ -224,7 +224,7 @@ def measure(kind: str, args: argparse.Namespace, work: Path, src: Path, out: Rep
             rows = [
                 [f"swap -> new version running (this update, same pid {agent_pid})", f"{seconds:.3f} s"],
                 [
-                    "  of which exec -> running (the new process's own start, its first)",
+                    "  of which exec -> running (the new process's own start)",
                     "not in the log" if own_start is None else f"{own_start:.3f} s",
                 ],
             ]
@@ -270,8 +270,8 @@ def main() -> int:
             "left out as it is from swap -> running; `to exit` adds it. Swap -> running also "
             "holds the rest of the transaction after the swap and the signal to the running agent; "
             "both it and exec -> running end at the new version's `running` log line, after its "
-            "imports and its start (config, state lock, pid record), and include the new build's "
-            "first unpacking of its code. Log times have 1 ms resolution."
+            "imports and its start (config, state lock, pid record); the old shiv build's also "
+            "hold its extraction of the new build. Log times have 1 ms resolution."
         )
         out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
         if not args.no_results:
