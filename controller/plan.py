@@ -245,7 +245,8 @@ def unhealthy(ctx: _Context, w: Workload, pods: Sequence[Pod], image: str) -> tu
         return None  # a Deployment has its own progress deadline (above)
     deadline = timedelta(seconds=ctx.settings.progress_deadline)
     for pod in pods:
-        stuck = not pod.ready and not pod.terminating and pod.created is not None
+        # Not on a NotReady node: there the pod waits for the node, not for the release.
+        stuck = not pod.ready and not pod.terminating and pod.created is not None and ctx.node_ready(pod.node)
         if pod.image == image and stuck and ctx.now - pod.created > deadline:  # type: ignore[operator]
             return "NotReady", (
                 f"NotReady: pod {pod.name} on {pod.node or '?'} is not Ready "
@@ -310,10 +311,10 @@ def stage_pods(
         back = pod.image in returning
         if not back and hold_reason:
             act(NONE, hold_reason)
-        elif not back and not in_scope(pod):
-            act(NONE, "not_in_wave")
         elif not back and halted:
             act(NONE, "halted")
+        elif not back and not in_scope(pod):
+            act(NONE, "not_in_wave")
         elif not ctx.node_ready(pod.node):
             act(NONE, "node_not_ready")
         elif not pod.ready:
@@ -453,8 +454,7 @@ def plan_workload(ctx: _Context, w: Workload, pods: Sequence[Pod]) -> WorkloadPl
         else:
             pod_actions = rolling_pods(ctx, pods, target, "rolling")
         state = progress(ctx, w, pods, target, in_scope)
-        moving = any(a.action == DELETE_POD for a in pod_actions)
-        if state == "rolling" and halted and w.on_delete and not moving:
+        if halted and any(a.reason == "halted" for a in pod_actions):
             return WorkloadPlan(
                 w, _action(w, NONE, target, "halted"), tuple(pod_actions), status=status(None, "halted")
             )

@@ -16,7 +16,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import Binary, LocalSigner, Manifest, Rollout, generate_private_key, rollout_bucket, sign_envelope
+from agent.manifest import (
+    Binary,
+    LocalSigner,
+    Manifest,
+    Rollout,
+    generate_private_key,
+    rollout_bucket,
+    sign_envelope,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "controller"
 REGISTRY = "registry.example.com/avika/avika-agent"
@@ -56,7 +64,9 @@ def manifest(
         version=version,
         released_at=NOW - timedelta(hours=1),
         expires=expires or NOW + timedelta(days=30),
-        binaries={"linux-amd64": Binary(f"binaries/{version}/{'a' * 64}/avika-agent-linux-amd64", "a" * 64, 1000)},
+        binaries={
+            "linux-amd64": Binary(f"binaries/{version}/{'a' * 64}/avika-agent-linux-amd64", "a" * 64, 1000)
+        },
         container_image=image(version) if container_image == "default" else container_image,
         container_digest=digest,
         min_version=min_version,
@@ -123,7 +133,11 @@ class Cluster:
 
     def pods_of(self, name: str) -> list[dict[str, Any]]:
         return sorted(
-            (p for p in self.pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == name),
+            (
+                p
+                for p in self.pods
+                if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == name
+            ),
             key=lambda p: p["spec"].get("nodeName", ""),
         )
 
@@ -145,6 +159,8 @@ class Cluster:
         if img is not None:
             spec_c["image"] = status_c["image"] = img
         started = started or NOW - timedelta(hours=1)
+        if created is None and state in ("creating", "crashloop", "imagepull"):
+            created = NOW - timedelta(seconds=30)  # a replacement: just made
         if created is not None:
             pod["metadata"]["creationTimestamp"] = stamp(created)
         ready = state in ("ready", "terminating")
@@ -155,11 +171,21 @@ class Cluster:
         if state in ("ready", "terminating", "notready"):
             status_c["state"] = {"running": {"startedAt": stamp(started)}}
         elif state == "crashloop":
-            status_c["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}}
+            status_c["state"] = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": "back-off 40s restarting failed container",
+                }
+            }
             status_c["lastState"] = {"terminated": {"exitCode": 1, "reason": "Error"}}
             status_c["restartCount"] = 3
         elif state == "imagepull":
-            status_c["state"] = {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{spec_c["image"]}"'}}
+            status_c["state"] = {
+                "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": f'Back-off pulling image "{spec_c["image"]}"',
+                }
+            }
         elif state == "creating":
             status_c["state"] = {"waiting": {"reason": "ContainerCreating"}}
         if state == "terminating":
@@ -185,6 +211,11 @@ class Cluster:
         out = {}
         for name, items in (("workloads", self.workloads), ("pods", self.pods), ("nodes", self.nodes)):
             path = directory / f"{name}.json"
-            path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items}, indent=4))
+            path.write_text(
+                json.dumps(
+                    {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items},
+                    indent=4,
+                )
+            )
             out[name] = path
         return out

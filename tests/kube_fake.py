@@ -88,10 +88,10 @@ class _Emulator(kmock.KubernetesEmulator):
         method = request.method.upper()
         self.seen.append((method, str(request.url.path), request.headers.get("Content-Type", "")))
         for fault in self.faults:
-            if fault.times > 0 and fault.method == method and fault.plural == plural:
-                if fault.name is None or fault.name == request.name:
-                    fault.times -= 1
-                    raise kmock.KubernetesError(status=fault.status, reason="Injected", message=fault.message)
+            hit = fault.times > 0 and fault.method == method and fault.plural == plural
+            if hit and fault.name in (None, request.name):
+                fault.times -= 1
+                raise kmock.KubernetesError(status=fault.status, reason="Injected", message=fault.message)
         for hook in self.hooks:
             if hook.times > 0 and hook.method == method and hook.plural == plural:
                 hook.times -= 1
@@ -182,7 +182,9 @@ class FakeApiServer:
         r.raise_for_status()
         return r.json()["items"]
 
-    def json_patch(self, kind: str, namespace: str | None, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+    def json_patch(
+        self, kind: str, namespace: str | None, name: str, ops: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         r = self.http.patch(
             self.path(kind, namespace, name),
             data=json.dumps(ops),
@@ -236,7 +238,12 @@ class FakeApiServer:
                     "kind": "Config",
                     "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
                     "users": [{"name": "test", "user": {}}],
-                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "test", "namespace": namespace}}],
+                    "contexts": [
+                        {
+                            "name": "fake",
+                            "context": {"cluster": "fake", "user": "test", "namespace": namespace},
+                        }
+                    ],
                     "current-context": "fake",
                 }
             )
@@ -357,9 +364,15 @@ class Kubelet:
                 "generateName": meta["name"] + "-",
                 "labels": dict(template["metadata"]["labels"]),
                 "ownerReferences": [
-                    {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": meta["name"], "uid": meta.get("uid", ""),
-                     "controller": True, "blockOwnerDeletion": True}
-                ],  # fmt: skip
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "DaemonSet",
+                        "name": meta["name"],
+                        "uid": meta.get("uid", ""),
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
                 "creationTimestamp": stamp,
             },
             "spec": {**template["spec"], "containers": containers, "nodeName": node},
@@ -367,10 +380,15 @@ class Kubelet:
                 "phase": "Pending",
                 "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": stamp}],
                 "containerStatuses": [
-                    {"name": c["name"], "image": c["image"], "ready": False, "restartCount": 0,
-                     "state": {"waiting": {"reason": "ContainerCreating"}}}
+                    {
+                        "name": c["name"],
+                        "image": c["image"],
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": "ContainerCreating"}},
+                    }
                     for c in containers
-                ],  # fmt: skip
+                ],
             },
         }
         self.api.create(pod)
@@ -393,7 +411,12 @@ class Kubelet:
             meta.get("creationTimestamp", now_text()),
         )
         with contextlib.suppress(requests.HTTPError):  # deleted meanwhile
-            self.api.json_patch("Pod", meta["namespace"], meta["name"], [{"op": "replace", "path": "/status", "value": status}])
+            self.api.json_patch(
+                "Pod",
+                meta["namespace"],
+                meta["name"],
+                [{"op": "replace", "path": "/status", "value": status}],
+            )
 
     def pods(self, namespace: str = "avika") -> list[dict[str, Any]]:
         return self.api.list("Pod", namespace)
