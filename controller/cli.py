@@ -91,6 +91,8 @@ def main(log_level: str) -> None:
     root.setLevel(getattr(logging, log_level.upper()))
     if not any(isinstance(h, StderrHandler) for h in root.handlers):
         root.addHandler(StderrHandler())
+    for chatty in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one INFO line per request otherwise
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 @main.command()

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx2 as httpx
 import lightkube
+import msgspec
 from lightkube.core.exceptions import ApiError
 from lightkube.resources import apps_v1, coordination_v1, core_v1
 from lightkube.types import PatchType
@@ -164,7 +165,7 @@ class Kube(abc.ABC):
         """Nodes, for their readiness; without RBAC for nodes, none (every node is taken as ready)."""
         try:
             return [_with_kind(n, "Node") for n in self.list("Node")]
-        except Forbidden as exc:
+        except KubeError as exc:  # Forbidden without the ClusterRole; readiness is a refinement
             log.warning("cannot list nodes (%s): node readiness is not checked", exc)
             return []
 
@@ -217,6 +218,10 @@ class LightkubeKube(Kube):
             raise error_for(exc.response.status_code, f"{what}: {_status_text(exc.response)}") from None
         except httpx.HTTPError as exc:
             raise KubeError(None, f"{what}: {type(exc).__name__}: {exc}") from None
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise KubeError(
+                None, f"{what}: the answer does not decode as a {what.split()[1]}: {exc}"
+            ) from None
 
     def _ns(self, kind: str, namespace: str | None) -> dict[str, Any]:
         return {} if kind in CLUSTER_SCOPED else {"namespace": namespace or "*"}

@@ -70,6 +70,7 @@ class Controller:
         self.next_fetch = 0.0
         self.check_error: tuple[str, str] | None = None  # (code, message) of the last refused fetch
         self.last_event: dict[str, float] = {}
+        self.last_outcome: dict[str, tuple[str, str]] = {}  # what was last logged per workload
         self._waiting_for: str | None = None
 
     # -- 1. the Lease
@@ -230,8 +231,18 @@ class Controller:
             if wp.change is not None:
                 self.kube.patch(w.kind, w.namespace, w.name, image_patch(wp.change))
                 log.info("%s: %s %s: %s", w.ref, action.action, action.reason, action.detail)
-            elif action.action != NONE:
-                log.info("%s: %s %s: %s", w.ref, action.action, action.reason, action.detail)
+            elif action.action != NONE or self.last_outcome.get(w.ref, (NONE, action.reason)) != (
+                NONE,
+                action.reason,
+            ):
+                log.info(
+                    "%s: %s %s%s",
+                    w.ref,
+                    action.action,
+                    action.reason,
+                    f": {action.detail}" if action.detail else "",
+                )
+            self.last_outcome[w.ref] = (action.action, action.reason)
             for pod in wp.pods:
                 if pod.action == DELETE_POD:
                     gone = self.kube.delete("Pod", pod.namespace, pod.name)
@@ -395,6 +406,9 @@ def run_controller(config: ControllerConfig, *, once: bool = False, kube: Kube |
                 result = FAILED
             except StateError as exc:
                 log.error("state ConfigMap: %s", exc)
+                result = FAILED
+            except Exception:  # one bad pass must not end the loop; the next reads everything again
+                log.exception("reconcile pass failed")
                 result = FAILED
             if once or stop.wait(config.reconcile_interval):
                 break

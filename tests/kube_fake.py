@@ -86,7 +86,7 @@ class _Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
         method = request.method.upper()
-        self.seen.append((method, str(request.url.path), request.headers.get("Content-Type", "")))
+        self.seen.append((method, str(request.url.raw_path_qs), request.headers.get("Content-Type", "")))
         for fault in self.faults:
             hit = fault.times > 0 and fault.method == method and fault.plural == plural
             if hit and fault.name in (None, request.name):
@@ -227,7 +227,7 @@ class FakeApiServer:
     @property
     def patches(self) -> list[tuple[str, str]]:
         """(path, content type) of every PATCH the server received."""
-        return [(path, ctype) for method, path, ctype in self.seen if method == "PATCH"]
+        return [(path.split("?")[0], ctype) for method, path, ctype in self.seen if method == "PATCH"]
 
     def kubeconfig(self, path: Path, namespace: str = "avika") -> Path:
         """A kubeconfig for this server (JSON is YAML); no credentials: the fake checks none."""
@@ -299,9 +299,20 @@ def pod_status(behaviour: str, container: str, image: str, started: str, created
     }
 
 
+def _ready(pod: dict[str, Any] | None) -> bool:
+    if pod is None or pod["metadata"].get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 @dataclass
 class Kubelet:
-    """The DaemonSet controller and the kubelets of ``nodes``, over HTTP (see the module docstring)."""
+    """The DaemonSet controller and the kubelets of ``nodes``, over HTTP (see the module docstring).
+
+    ``down`` records, at every tick, how many nodes had no Ready pod of each DaemonSet: the most
+    pods a rollout ever had down at once.
+    """
 
     api: FakeApiServer
     nodes: list[str]
@@ -309,6 +320,7 @@ class Kubelet:
     start_delay: float = 0.3  # ContainerCreating for this long before the container runs
     created: list[tuple[str, str, str]] = field(default_factory=list)  # (node, pod, image)
     errors: list[str] = field(default_factory=list)
+    down: dict[str, list[int]] = field(default_factory=dict)
     _pending: dict[tuple[str, str], float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -329,7 +341,7 @@ class Kubelet:
                 self.tick()
             except (requests.RequestException, KeyError, ValueError) as exc:
                 self.errors.append(repr(exc))
-            self._stop.wait(0.1)
+            self._stop.wait(0.2)
 
     def tick(self) -> None:
         for ds in self.api.list("DaemonSet"):
@@ -343,6 +355,8 @@ class Kubelet:
                 if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in match.items())
             ]
             on_node = {p["spec"].get("nodeName"): p for p in pods}
+            down = sum(1 for node in self.nodes if not _ready(on_node.get(node)))
+            self.down.setdefault(meta["name"], []).append(down)
             for node in self.nodes:
                 pod = on_node.get(node)
                 if pod is None:
