@@ -231,10 +231,7 @@ class Controller:
             if wp.change is not None:
                 self.kube.patch(w.kind, w.namespace, w.name, image_patch(wp.change))
                 log.info("%s: %s %s: %s", w.ref, action.action, action.reason, action.detail)
-            elif action.action != NONE or self.last_outcome.get(w.ref, (NONE, action.reason)) != (
-                NONE,
-                action.reason,
-            ):
+            elif action.action != NONE or self.last_outcome.get(w.ref) != (NONE, action.reason):
                 log.info(
                     "%s: %s %s%s",
                     w.ref,
