@@ -81,12 +81,20 @@ class _Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.faults: list[Fault] = []
         self.hooks: list[Hook] = []
-        self.seen: list[tuple[str, str, str]] = []  # (method, path, content type)
+        self.seen: list[tuple[str, str, str, str]] = []  # (method, path?query, content type, user agent)
 
     async def _handle(self, request: Any) -> Any:
         plural = request.resource.plural if request.resource is not None else ""
         method = request.method.upper()
-        self.seen.append((method, str(request.url.raw_path_qs), request.headers.get("Content-Type", "")))
+        headers = request.headers
+        self.seen.append(
+            (
+                method,
+                str(request.url.raw_path_qs),
+                headers.get("Content-Type", ""),
+                headers.get("User-Agent", ""),
+            )
+        )
         for fault in self.faults:
             hit = fault.times > 0 and fault.method == method and fault.plural == plural
             if hit and fault.name in (None, request.name):
@@ -220,14 +228,18 @@ class FakeApiServer:
         return item
 
     @property
-    def seen(self) -> list[tuple[str, str, str]]:
+    def seen(self) -> list[tuple[str, str, str, str]]:
         assert self.emulator is not None
         return list(self.emulator.seen)
 
     @property
     def patches(self) -> list[tuple[str, str]]:
         """(path, content type) of every PATCH the server received."""
-        return [(path.split("?")[0], ctype) for method, path, ctype in self.seen if method == "PATCH"]
+        return [(path.split("?")[0], ctype) for method, path, ctype, _ in self.seen if method == "PATCH"]
+
+    def requests_by(self, agent_prefix: str) -> list[tuple[str, str]]:
+        """(method, path) of the requests whose User-Agent starts with ``agent_prefix``."""
+        return [(m, p.split("?")[0]) for m, p, _, ua in self.seen if ua.startswith(agent_prefix)]
 
     def kubeconfig(self, path: Path, namespace: str = "avika") -> Path:
         """A kubeconfig for this server (JSON is YAML); no credentials: the fake checks none."""

@@ -82,7 +82,7 @@ def test_lists_are_filtered_by_label_here_whatever_the_server_does(
         "avika-gateway",
         "avika-relay",
     ]
-    assert any("labelSelector=avika.io%2Fupdates%3Denabled" in path for _, path, _ in api.seen)
+    assert any("labelSelector=avika.io%2Fupdates%3Denabled" in path for _, path, _, _ in api.seen)
     pods = kube.list_pods(workloads)
     assert len(pods) == 8 + 2 + 2 + 2
     assert not any(p["metadata"]["name"].startswith("fluent-bit") for p in pods)

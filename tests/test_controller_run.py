@@ -33,6 +33,7 @@ from agent.manifest import rollout_bucket
 from infra.reports.store import ReportStore
 from tests.controller_fixtures import REGISTRY, Cluster
 from tests.kube_fake import CRASHLOOP, READY, FakeApiServer, Kubelet
+from tests.test_controller_packaging import request_allowed
 
 pytestmark = pytest.mark.slow
 
@@ -316,3 +317,8 @@ def test_run_takes_a_daemonset_through_waves_and_rolls_a_crash_loop_back(stack: 
     assert "standing by: Lease avika-controller is held by avika-controller-a" in b
     assert "deleted pod" not in b and "patch_image" not in b
     assert stack.kubelet.errors == []
+
+    # -- RBAC from packaging/kubernetes/ allows every request the controller made, and no more
+    made = set(stack.api.requests_by("python-httpx"))
+    assert {method for method, _ in made} == {"GET", "POST", "PATCH", "DELETE"}
+    assert [r for r in made if not request_allowed(*r)] == []
