@@ -165,3 +165,15 @@ def test_the_dockerfile_runs_the_controller_as_a_user() -> None:
     assert re.search(r"^USER 10001:10001$", text, re.M)
     assert 'ENTRYPOINT ["avika-controller"]' in text
     assert "PUBLIC_KEYS" in text and "no container engine" in text
+
+
+def test_docs_name_every_variable_the_controller_reads_and_cite_real_tests() -> None:
+    """docs/kubernetes.md's configuration table is the controller's (one definition: config.py)."""
+    source = (ROOT / "controller" / "config.py").read_text()
+    read = set(re.findall(r'"((?:AVIKA|UPDATE)_[A-Z_]+)"', source)) - {"AVIKA_FLEET_SECRET"}
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    table = set(re.findall(r"^\| `((?:AVIKA|UPDATE)_[A-Z_]+)`", docs, re.M))
+    table |= set(re.findall(r"^\| `AVIKA_LEASE_NAME` / `(AVIKA_LEASE_DURATION)`", docs, re.M))
+    assert read == table
+    for filename, name in re.findall(r"tests/(test_\w+\.py)::(\w+)", docs):
+        assert f"def {name}(" in (ROOT / "tests" / filename).read_text(), f"{filename}::{name}"
