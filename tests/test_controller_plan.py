@@ -442,6 +442,18 @@ CASES = [
         ),
         id="a GitOps-managed workload that crash-loops is reported (revert in git), not patched",
     ),
+    pytest.param(
+        Case(
+            setup=lambda c: (
+                on_target(c),
+                c.set_label("avika-agent", "argocd.argoproj.io/instance", "avika"),
+            ),
+            args={"percent": 50},
+            expect=("none", "rolling"),
+            pods={"delete_pod/in_wave": 1, "none/wave_full": 3, "none/not_in_wave": 4},
+        ),
+        id="git changed a GitOps-managed OnDelete DaemonSet: its pods are still staged per node",
+    ),
     # -- versions
     pytest.param(
         Case(args={"version": "1.0.0"}, expect=("none", "up_to_date")), id="the same version is up to date"

@@ -322,3 +322,45 @@ def test_run_takes_a_daemonset_through_waves_and_rolls_a_crash_loop_back(stack: 
     made = set(stack.api.requests_by("python-httpx"))
     assert {method for method, _ in made} == {"GET", "POST", "PATCH", "DELETE"}
     assert [r for r in made if not request_allowed(*r)] == []
+
+
+@pytest.mark.parametrize(
+    ("signer_is_trusted", "code"), [(True, 0), (False, 3)], ids=["verified manifest", "untrusted manifest"]
+)
+def test_run_once_exits_with_the_passes_outcome(tmp_path: Path, signer_is_trusted: bool, code: int) -> None:
+    """``run --once``: one pass; a manifest that does not verify is exit 3 with the agent's error code,
+    and the cluster is not touched."""
+    from agent.manifest import LocalSigner, generate_private_key
+    from tests.agent_fixtures import LocalServer
+    from tests.controller_fixtures import PUBLIC_KEY, envelope, manifest
+
+    signer = None if signer_is_trusted else LocalSigner(generate_private_key())
+    from datetime import UTC, datetime, timedelta
+
+    m = manifest("1.1.0", 100, container_image=image("1.1.0"), expires=datetime.now(UTC) + timedelta(days=1))
+    body = envelope(m) if signer is None else envelope(m, signer)
+    with FakeApiServer() as api, LocalServer() as server:
+        server.serve("/updates/manifest.json", body)
+        api.create(daemonset())
+        for node in Cluster().nodes:  # an OnDelete DaemonSet is in the wave by its nodes
+            api.create(node)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AVIKA_", "UPDATE_"))}
+        env.update(
+            KUBECONFIG=str(api.kubeconfig(tmp_path / "kubeconfig")),
+            AVIKA_UPDATE_SERVER=server.url("/updates"),
+            AVIKA_PUBLIC_KEYS=PUBLIC_KEY, AVIKA_CLUSTER_ID="once", AVIKA_NAMESPACE="avika",
+            AVIKA_STATE_DIR=str(tmp_path / "state"), UPDATE_REPORT_URL="disabled",
+        )  # fmt: skip
+        done = subprocess.run(
+            [CONTROLLER, "run", "--once"], capture_output=True, text=True, env=env, timeout=120
+        )
+        image_now = (api.get("DaemonSet", "avika", "avika-agent") or {})["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+    assert done.returncode == code, done.stderr
+    if code == 0:
+        assert image_now["image"] == image("1.1.0")
+        assert "DaemonSet avika/avika-agent: patch_image in_wave" in done.stderr
+    else:
+        assert image_now["image"] == image("1.0.0")
+        assert "refused: signature_invalid" in done.stderr
