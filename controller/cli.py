@@ -249,7 +249,14 @@ def plan(
 @main.command()
 @click.option("--once", is_flag=True, help="One reconcile pass (take the Lease, act, report), then exit.")
 def run(once: bool) -> None:
-    """The in-cluster loop: follow the signed manifest and roll the agent's pods in waves."""
+    """The in-cluster loop: follow the signed manifest and roll the agent's pods in waves.
+
+    Configured by the environment (docs/kubernetes.md, section 4): AVIKA_UPDATE_SERVER and
+    AVIKA_CLUSTER_ID are required; AVIKA_PUBLIC_KEYS, AVIKA_NAMESPACES, AVIKA_HEALTH_WINDOW,
+    UPDATE_REPORT_TOKEN and the others have defaults. The API server is the pod's service account,
+    else KUBECONFIG. Exits 2 on an invalid setting; with --once, 1 when the pass failed and 3 when
+    the manifest did not verify.
+    """
     # Imported here: `plan` works without the Kubernetes client (the `controller` extra).
     from controller.run import run_controller
 

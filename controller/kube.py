@@ -153,9 +153,8 @@ class Kube(abc.ABC):
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for w in workloads:
             meta, spec = w.get("metadata") or {}, w.get("spec") or {}
+            # matchLabels narrow the list; matchExpressions are matched by the plan (selector_matches).
             labels = (spec.get("selector") or {}).get("matchLabels") or None
-            if not labels:
-                continue  # the plan never matches a workload with no matchLabels to every pod
             for pod in self.list("Pod", meta.get("namespace") or "default", labels):
                 pmeta = pod.get("metadata") or {}
                 out[(pmeta.get("namespace") or "", pmeta.get("name") or "")] = _with_kind(pod, "Pod")

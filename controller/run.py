@@ -367,7 +367,12 @@ def _with_all(state: ControllerState, reported: dict[str, Reported]) -> Controll
 
 def run_controller(config: ControllerConfig, *, once: bool = False, kube: Kube | None = None) -> int:
     """``avika-controller run``: loop until SIGTERM/SIGINT (or one pass with ``once``)."""
-    kube = kube or LightkubeKube.from_kubeconfig()
+    if kube is None:
+        try:
+            kube = LightkubeKube.from_kubeconfig()
+        except Exception as exc:  # lightkube's own config errors: no service account, no kubeconfig
+            log.error("no Kubernetes API to talk to (in-cluster service account or KUBECONFIG): %s", exc)
+            return 1
     source = ManifestSource(
         config.manifest_url,
         config.public_keys,
