@@ -26,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from agent.events import clean_error
 from agent.manifest import format_time
 from agent.reports import Backoff, Poster, ReportQueue, clean_text, send_pending
@@ -98,7 +96,6 @@ class WorkloadReporter:
         url: str | None,
         *,
         clock: Callable[[], datetime] | None = None,
-        session: requests.Session | None = None,
     ) -> None:
         self.root = Path(state_dir) / "reports"
         self.tokens = tokens
@@ -106,9 +103,9 @@ class WorkloadReporter:
         self._configured_url = None if self.disabled else url
         self._manifest_url: str | None = None
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._session = session or requests.Session()
         self._queues: dict[str, ReportQueue] = {}
         self._backoff: dict[str, Backoff] = {}
+        self._posters: dict[str, Poster] = {}  # one per agent id: its token, its connection
         self._next_try: dict[str, float] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -203,7 +200,9 @@ class WorkloadReporter:
             token = self.tokens.for_agent(agent_id)
             if token is None or queue.count() == 0:
                 continue
-            poster = Poster(token, self._session)
+            poster = self._posters.get(agent_id)
+            if poster is None or poster.token != token:
+                poster = self._posters[agent_id] = Poster(token)
             done = send_pending(queue, lambda events, p=poster: p.post(url, events))
             self.sent += done.sent
             if done.failure is None:
@@ -258,3 +257,8 @@ class WorkloadReporter:
             for queue in self._queues.values():
                 queue.close()
             self._queues.clear()
+            for poster in self._posters.values():
+                close = getattr(poster, "close", None)  # the agent's Poster gains close() with its own client
+                if close is not None:
+                    close()
+            self._posters.clear()
