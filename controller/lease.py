@@ -2,9 +2,10 @@
 
 :func:`lease_step` looks at the Lease as read and says what to send: ``create`` it (none yet),
 ``renew`` it (ours), ``take`` it (its holder stopped renewing for ``leaseDurationSeconds``), or
-``wait`` (another replica holds it). Each write is a JSON patch that tests the
-holder it read (and ``resourceVersion`` when the server keeps one), so of two replicas that race
-for an expired Lease, exactly one wins; the other's patch is refused (422) and it waits.
+``wait`` (another replica holds it). Each write is a JSON patch that tests the holder it read
+(and ``resourceVersion`` when the server keeps one), so of two replicas that race for an expired
+Lease, exactly one wins; the other's patch is refused (422) and it waits. Times are never tested:
+a client may rewrite their format (lightkube drops zero microseconds).
 A leader that cannot renew stops acting at once (the runner checks before every pass).
 """
 
