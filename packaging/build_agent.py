@@ -258,9 +258,7 @@ def deps_for(platform: str, version: str, python: str) -> Path:
     """``<dir>/site`` (the unpacked wheels) and ``<dir>/pyc`` (their bytecode), cached in
     build/agent-deps by lock, platform and interpreter: a rebuild only compiles the agent's code."""
     key = hashlib.sha256(
-        "\n".join(
-            [_lock_digest(), platform_file(platform, version).read_text(), python, _COMPILE]
-        ).encode()
+        "\n".join([_lock_digest(), platform_file(platform, version).read_text(), python, _COMPILE]).encode()
     ).hexdigest()[:16]
     done = DEPS_CACHE / f"{platform}-{tag_of(version)}-{key}"
     if (done / "complete").exists():
