@@ -35,7 +35,8 @@ from publisher.options import (
     source_options,
 )
 from publisher.signing import load_signers, write_new_key
-from publisher.stores import DirStore, Store, open_reader, open_store
+from publisher.store_url import open_reader, open_store
+from publisher.stores import DirStore, Store
 
 
 class _Group(click.Group):

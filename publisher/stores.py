@@ -1,4 +1,4 @@
-"""Where releases live (DESIGN section 2, store layout): one interface, a directory now, S3 next.
+"""Where releases live (DESIGN section 2, store layout): one interface; a directory here, S3 in ``s3store``.
 
 Keys are '/'-joined strings under the store's prefix (``manifest.json``,
 ``manifests/42.json``, ``binaries/0.1.44/<sha256>/avika-agent-linux-amd64``), so the same
@@ -15,7 +15,8 @@ code drives a directory and an S3 bucket. What every implementation guarantees:
 - ``read`` is for small objects (manifests); binaries are streamed with ``stream``.
 
 ``Reader`` is the read half (``show`` and ``verify``); ``HttpReader`` implements it over HTTP(S) so
-``verify --url`` audits exactly what the CDN serves.
+``verify --url`` audits exactly what the CDN serves. ``publisher.store_url`` turns a store URL into
+one of these.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.state import fsync_dir, write_bytes_atomic
-from publisher.errors import PublishError, Refused
+from publisher.errors import PublishError
 
 CHUNK = 1 << 20
 MANIFEST_KEY = "manifest.json"
@@ -414,38 +415,3 @@ class HttpReader(Reader):
 
     def stream(self, url: str) -> Iterator[bytes]:
         return _http_chunks(self.url(url), self._session)
-
-
-# ---------------------------------------------------------------- URLs
-
-
-def open_store(url: str, *, endpoint_url: str | None = None) -> Store:
-    """``s3://bucket/prefix`` (``publisher.s3store``), ``file:///absolute/path`` or a plain path."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "s3":
-        from publisher.s3store import S3Store  # boto3 only for commands that use S3
-
-        return S3Store.from_url(url, endpoint_url=endpoint_url)
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise Refused(f"store {url!r}: a file URL must be file:///absolute/path")
-        return DirStore(Path(unquote(parts.path)))
-    if scheme in ("http", "https"):
-        raise Refused(
-            f"store {url!r} is read-only over HTTP: publish to its directory or bucket, read with --url"
-        )
-    if scheme and len(scheme) > 1:  # (a one-letter "scheme" is a Windows drive)
-        raise Refused(f"store {url!r}: unsupported scheme {parts.scheme!r}; use file:///PATH or a directory")
-    if not url:
-        raise Refused("store is empty: pass --store or set AVIKA_STORE")
-    return DirStore(Path(url).expanduser().absolute())
-
-
-def open_reader(store_url: str | None, url: str | None, *, endpoint_url: str | None = None) -> Reader:
-    """``--url`` (HTTP, what agents see) wins over ``--store``."""
-    if url:
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            raise Refused(f"--url {url!r} must be an http(s) URL; use --store for a directory")
-        return HttpReader(url)
-    return open_store(store_url or "", endpoint_url=endpoint_url)
