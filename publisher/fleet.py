@@ -45,6 +45,7 @@ from packaging.version import InvalidVersion
 from agent.manifest import PublicKey, Signer, normalize_version, parse_version
 from infra.reports.store import ReportStore, StoreError
 from publisher import release as publishing
+from publisher import resign as resigning
 from publisher.errors import PublishError, Refused
 from publisher.stores import Store
 
@@ -369,9 +370,7 @@ def halt(
     invalidate: publishing.Invalidate | None = None,
 ) -> Halt:
     """Stop VERSION's rollout: re-sign the live manifest at rollout 0 (module docstring)."""
-    live = publishing.read_current(store).manifest
-    if live is None:
-        raise PublishError(f"no manifest.json in {store.location}: nothing to halt")
+    _, live = resigning.read_live(store, signers, trusted)  # only a verified live release counts
     if not same_version(live.version, version):
         raise PublishError(
             f"the live release in {store.location} is {live.version}, not {version}: "
@@ -379,7 +378,7 @@ def halt(
         )
     if live.rollout.percent == 0:
         return Halt("already_halted", live.version, live.serial)
-    outcome = publishing.resign(
+    outcome = resigning.resign(
         store,
         signers,
         percent=0,

@@ -45,7 +45,8 @@ ARCHIVE_PREFIX = "manifests/"
 BINARIES_PREFIX = "binaries/"
 SHORT_LIVED = "public, max-age=60"
 IMMUTABLE = "public, max-age=31536000, immutable"
-# HttpReader.read is for manifests; anything bigger than this is not one (the envelope limit is 1 MiB).
+# ``read`` is for manifests; anything bigger than this is not one (the envelope limit is 1 MiB), and
+# a junk object in the store must never be read into memory whole.
 MAX_READ_BYTES = 16 << 20
 _ARCHIVE_RE = re.compile(r"^manifests/(0|[1-9][0-9]{0,18})\.json$")
 _BINARY_RE = re.compile(r"^binaries/([^/]+)/([0-9a-f]{64})/avika-agent-([^/]+)$")
@@ -70,6 +71,12 @@ class Conflict(StoreError):
     """A compare-and-swap lost: the object changed since it was read."""
 
     code = "conflict"
+
+
+class Oversized(StoreError):
+    """An object ``read`` was asked for is larger than the caller's limit (so it is no manifest)."""
+
+    code = "oversized"
 
 
 # ---------------------------------------------------------------- layout
@@ -148,8 +155,8 @@ class Reader(ABC):
     location: str
 
     @abstractmethod
-    def read(self, key: str) -> bytes | None:
-        """A small object's bytes, or None when it does not exist."""
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
+        """A small object's bytes, or None when it does not exist; ``Oversized`` past ``limit``."""
 
     @abstractmethod
     def stream(self, url: str) -> Iterator[bytes]:
@@ -161,8 +168,8 @@ class Store(Reader):
     """A place to publish to: a directory or (later) an S3 prefix."""
 
     @abstractmethod
-    def read_versioned(self, key: str) -> Versioned:
-        """The object and its compare-and-swap token."""
+    def read_versioned(self, key: str, *, limit: int = MAX_READ_BYTES) -> Versioned:
+        """The object and its compare-and-swap token; ``Oversized`` past ``limit``."""
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -224,14 +231,21 @@ class DirStore(Store):
     def path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
         try:
-            return self.path(key).read_bytes()
+            fh = open(self.path(key), "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        with fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise Oversized(f"{key} in {self.location} is over {limit} bytes; not a manifest")
+        return data
 
-    def read_versioned(self, key: str) -> Versioned:
-        data = self.read(key)
+    def read_versioned(self, key: str, *, limit: int = MAX_READ_BYTES) -> Versioned:
+        data = self.read(key, limit=limit)
         return Versioned(data, _content_token(data))
 
     def size(self, key: str) -> int | None:
@@ -401,7 +415,7 @@ class HttpReader(Reader):
     def url(self, key: str) -> str:
         return urljoin(self.location + "/", key)
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
         try:
             chunks = _http_chunks(self.url(key), self._session)
         except NotFound:
@@ -409,8 +423,9 @@ class HttpReader(Reader):
         data = bytearray()
         for chunk in chunks:
             data += chunk
-            if len(data) > MAX_READ_BYTES:
-                raise StoreError(f"{self.url(key)} is over {MAX_READ_BYTES} bytes; not a manifest")
+            if len(data) > limit:
+                chunks.close()
+                raise Oversized(f"{self.url(key)} is over {limit} bytes; not a manifest")
         return bytes(data)
 
     def stream(self, url: str) -> Iterator[bytes]:

@@ -220,7 +220,18 @@ def env(tmp_path: Path) -> dict[str, Any]:
 
 
 def release_args(env: dict[str, Any], version: str = "0.1.44", *extra: str, store: str = STORE) -> list[str]:
-    return ["release", version, *env["binaries"], "--key", str(env["key"].path), "--store", store, *extra]
+    """A release that may start the store (``--init``)."""
+    return [
+        "release",
+        version,
+        *env["binaries"],
+        "--key",
+        str(env["key"].path),
+        "--store",
+        store,
+        "--init",
+        *extra,
+    ]
 
 
 def signing(env: dict[str, Any], store: str = STORE) -> list[str]:

@@ -227,7 +227,7 @@ def test_verify_and_show_over_http_audit_what_is_served(tmp_path) -> None:
     key = new_key_file(tmp_path)
     make_binary(tmp_path / "amd64", 2 * CHUNK + 1, "amd64")
     store = DirStore(tmp_path / "store")
-    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"})
+    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"}, init=True)
     publishing.release(store, [load_key_file(key.path)], spec)
     for server in _running(make_server(store.root, port=0)):
         reader = HttpReader(server.url)
