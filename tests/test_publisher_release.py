@@ -18,8 +18,8 @@ import pytest
 from agent.manifest import ManifestError, Rollout, verify_manifest
 from publisher import release as publishing
 from publisher import resign as resigning
-from publisher.errors import PublishError, Refused, VerificationFailed
 from publisher.archive import read_store
+from publisher.errors import PublishError, Refused, VerificationFailed
 from publisher.release import ReleaseSpec
 from publisher.stores import CHUNK, DirStore, archive_key
 from tests.publisher_fixtures import NOW, make_binary, new_signer, sha256, snapshot
