@@ -221,17 +221,28 @@ class StoreView:
         return [e for e in (self.live, *self.archive) if e is not None and not e.verified]
 
     def warnings(self) -> list[str]:
-        """One line per kind of object ignored, naming them (at most ``MAX_NAMED`` each)."""
+        """One line per kind of object ignored, naming them (at most ``MAX_NAMED`` each).
+
+        Objects that would matter if they were believed (``manifest.json``, or a claim at or above
+        the highest verified serial) come first and loudest; older archives that do not verify
+        (typically signed before a key rotation) get a line of their own.
+        """
         out = []
         bad = self.unverified()
-        if bad:
-            named = "; ".join(e.describe() for e in bad[:MAX_NAMED])
-            more = f"; and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
-            keys = ", ".join(k.keyid[:16] for k in self.trusted) or "none"
+        highest = self.highest_serial
+        newer = [e for e in bad if e.key == MANIFEST_KEY or _claim(e) >= highest]
+        older = [e for e in bad if e not in newer]
+        keys = ", ".join(k.keyid[:16] for k in self.trusted) or "none"
+        if newer:
             out.append(
-                f"ignored {len(bad)} object(s) that do not verify with the trusted keys ({keys}): "
-                f"{named}{more}. They are not used and not deleted; after a key rotation pass the old "
+                f"ignored {len(newer)} object(s) that do not verify with the trusted keys ({keys}): "
+                f"{_named(newer)}. They are not used and not deleted; after a key rotation pass the old "
                 "key with --trusted-key"
+            )
+        if older:
+            out.append(
+                f"{len(older)} archived manifest(s) below serial {highest} do not verify with the trusted "
+                f"keys (signed before a key rotation, or replaced): {_named(older)}; ignored"
             )
         for kind, keys_ in (
             ("too large to be a manifest", self.oversized),
@@ -260,6 +271,16 @@ class StoreView:
             rows.append(_row(self.live, live=True))
         rows += [_oversized_row(key) for key in self.oversized]
         return sorted(rows, key=lambda r: (r["serial"] is not None, r["serial"] or 0), reverse=True)
+
+
+def _claim(entry: Entry) -> int:
+    """The highest serial an object claims, by content or by name (0: none)."""
+    return max(entry.claimed.serial if entry.claimed is not None else 0, entry.name_serial or 0)
+
+
+def _named(entries: Sequence[Entry]) -> str:
+    more = f"; and {len(entries) - MAX_NAMED} more" if len(entries) > MAX_NAMED else ""
+    return "; ".join(e.describe() for e in entries[:MAX_NAMED]) + more
 
 
 def _row(entry: Entry, live: bool) -> dict[str, Any]:

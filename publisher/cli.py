@@ -151,7 +151,7 @@ def _format_history(location: str, keys: list, rows: list[dict[str, Any]]) -> st
         f"{location}: archived manifests, newest first (trusted: {', '.join(k.keyid[:12] for k in keys)})"
     ]
     lines += fleet_view.table(
-        ("SERIAL", "VERSION", "ROLLOUT", "RELEASED", "SIGNED", "EXPIRES", "SIGNERS", "VERIFIES", ""),
+        ("SERIAL", "VERSION", "ROLLOUT", "RELEASED", "SIGNED", "EXPIRES", "SIGNERS", "VERIFIES", "LIVE"),
         (
             (
                 r["serial"],
@@ -162,7 +162,7 @@ def _format_history(location: str, keys: list, rows: list[dict[str, Any]]) -> st
                 r["expires"],
                 signers(r),
                 "yes" if r["verified"] else f"NO ({r['error']})",
-                ("live " if r["live"] else "") + (r["key"] if r["key"] == "manifest.json" else ""),
+                ("live" if r["live"] else None) if r["key"] != "manifest.json" else "live (manifest.json)",
             )
             for r in rows
         ),
@@ -442,7 +442,7 @@ def history(
     --trusted-key / AVIKA_PUBLIC_KEYS."""
     keys = list(public_keys)
     if key_files or kms_key_ids:
-        keys += [s.public_key for s in load_signers(key_files, kms_key_ids)]
+        keys = publishing.trusted_keys(load_signers(key_files, kms_key_ids), keys)
     if not keys:
         raise click.UsageError(
             "no trusted key: pass --trusted-key KEY (or AVIKA_PUBLIC_KEYS), or --key / --kms-key-id"

@@ -90,18 +90,30 @@ def open_reports(url: str | None) -> ReportStore:
         raise PublishError(f"reports store {url}: {exc}") from None
 
 
+def read_failed(store: ReportStore, exc: StoreError) -> PublishError:
+    """A read error that names the store; a missing DynamoDB table is named as such (a typo in
+    ``--reports`` / ``AVIKA_REPORTS``, or another region), not as a bare AWS error code."""
+    table = getattr(store, "table", None)
+    if table is not None and "ResourceNotFoundException" in str(exc):
+        return Refused(
+            f"reports table {table!r} not found (--reports dynamodb://{table}): check the name "
+            "(the stack output ReportsTableName) and the AWS region"
+        )
+    return PublishError(f"reading the reports store: {exc}")
+
+
 def read_agents(store: ReportStore) -> list[dict[str, Any]]:
     try:
         return list(store.agents())
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
 
 
 def read_outcomes(store: ReportStore, version: str) -> list[dict[str, Any]]:
     try:
         return store.version_outcomes(version)
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
 
 
 # ---------------------------------------------------------------- versions
