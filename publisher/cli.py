@@ -330,7 +330,7 @@ def release(
         init=init,
     )
     store, signers, invalidate = _publishing(dry_run, **signing)
-    inspection.check_release(binaries, version, signers, inspect_files=not no_inspect, warn=_note)
+    unchecked = inspection.check_release(binaries, version, signers, inspect_files=not no_inspect)
     outcome = publishing.release(
         store,
         signers,
@@ -341,6 +341,8 @@ def release(
         invalidate=invalidate,
     )
     _print_outcome(outcome, as_json)
+    if unchecked and outcome.status == "published":
+        _note(unchecked)
 
 
 @main.command(name="inspect")

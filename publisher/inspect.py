@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,34 +141,34 @@ def problems(build: AgentBuild, version: str, platform: str, signing_key_ids: Se
 
 
 def check_release(
-    binaries: Mapping[str, Path],
-    version: str,
-    signers: Sequence[Signer],
-    *,
-    inspect_files: bool = True,
-    warn: Callable[[str], None] = print,
-) -> list[AgentBuild]:
+    binaries: Mapping[str, Path], version: str, signers: Sequence[Signer], *, inspect_files: bool = True
+) -> str | None:
     """``release``'s check of every binary: ``Refused`` (exit 2) listing every problem found.
 
-    With no signers (a dry run without a key) the key check is left out.
+    Returns the warning to print once the release is published with ``--no-inspect``, else None.
+
+    With no signers (a dry run without a key) the key check is left out. A version that is not one
+    and platform names that are not ours are the release's own input checks (publisher/release.py),
+    which follow with their own messages; the files given for known platforms are checked here.
     """
     if not inspect_files:
-        warn(
+        return (
             f"--no-inspect: {', '.join(f'{p}={b}' for p, b in sorted(binaries.items()))} published "
             f"without checking that each is an {NAME} build of {version} for its platform that trusts "
             "this release's keys"
         )
-        return []
-    version = normalize_version(version)
+    try:
+        version = normalize_version(version)
+    except InvalidVersion:
+        return None
     key_ids = [s.public_key.keyid for s in signers]
-    builds, found = [], []
+    found = []
     for platform, path in sorted(binaries.items()):
-        build = inspect(path)
-        builds.append(build)
-        found += problems(build, version, platform, key_ids)
+        if platform in PLATFORMS:
+            found += problems(inspect(path), version, platform, key_ids)
     if found:
         raise Refused("; ".join(found))
-    return builds
+    return None
 
 
 def describe(build: AgentBuild) -> list[str]:

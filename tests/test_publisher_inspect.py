@@ -56,7 +56,7 @@ def store(files: Files, tmp_path: Path) -> Path:
     make_binary(first, 4096, "1.0.0")
     done = publish(
         "release", "1.0.0", f"--binary=linux-amd64={first}", "--key", str(files.key), "--store", str(store),
-        "--no-inspect",
+        "--init", "--no-inspect",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return store
