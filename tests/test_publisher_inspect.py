@@ -178,8 +178,15 @@ def test_a_dry_run_without_a_key_still_checks_version_and_platform(files: Files,
         "release", "2.0.1", f"--binary=linux-amd64={files.amd64}", "--store", str(store), "--dry-run"
     )
     assert done.returncode == 2 and "not 2.0.1" in done.stderr
+    trusted = ("--trusted-key", files.public.b64)  # no signing key: the store's trust is given
     done = publish(
-        "release", VERSION, f"--binary=linux-amd64={files.amd64}", "--store", str(store), "--dry-run"
+        "release",
+        VERSION,
+        f"--binary=linux-amd64={files.amd64}",
+        "--store",
+        str(store),
+        "--dry-run",
+        *trusted,
     )
     assert done.returncode == 0, done.stderr
     assert snapshot(store) == before
