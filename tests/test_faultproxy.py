@@ -731,25 +731,36 @@ def run_agent(env: dict[str, str], *args: str, config: Path) -> subprocess.Compl
 
 
 # Faults that end an attempt at once (a cut connection is retried with sleeps of 1, 2, 4, 8 s
-# before it is named: the fetch-level tables above cover those, with retry_delay=0).
-E2E_CASES: dict[str, tuple[Fault, Callable[[Repo], dict[str, Any]], str]] = {
+# before it is named: the fetch-level tables above cover those, with retry_delay=0). Each case:
+# the fault, its options, the error code, and the agent's environment on top of agent_env.
+E2E_CASES: dict[str, tuple[Fault, Callable[[Repo], dict[str, Any]], str, dict[str, str]]] = {
     "binary_truncated_at_the_origin": (
         Fault.MIX_AND_MATCH,
         lambda repo: {"body": repo.binaries[NEW][:100_000]},
         "size_mismatch",
+        {},
     ),
     "content_length_longer_than_the_manifest_says": (
         Fault.LIE_LENGTH,
         lambda repo: {"delta": 1},
         "size_exceeded",
+        {},
     ),
-    "one_corrupt_byte": (Fault.CORRUPT, lambda repo: {"offset": 5000}, "checksum_mismatch"),
+    "one_corrupt_byte": (Fault.CORRUPT, lambda repo: {"offset": 5000}, "checksum_mismatch", {}),
     "another_releases_binary": (
         Fault.MIX_AND_MATCH,
         lambda repo: {"source": repo.binary_path(OLD)},
         "checksum_mismatch",
+        {},
     ),
-    "binary_missing_on_the_cdn": (Fault.STATUS, lambda repo: {"status": 404}, "fetch_failed"),
+    "binary_missing_on_the_cdn": (Fault.STATUS, lambda repo: {"status": 404}, "fetch_failed", {}),
+    # DESIGN section 3: a drip is progress, so only the download's own deadline can end it.
+    "binary_dripped_past_the_download_deadline": (
+        Fault.DRIP,
+        lambda repo: {"after": 10_000, "every": 0.05, "step": 100},
+        "download_timeout",
+        {"UPDATE_DOWNLOAD_TIMEOUT": "2s"},
+    ),
 }
 
 
@@ -762,7 +773,7 @@ def cli_ready() -> None:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("cli_ready")
-@pytest.mark.parametrize(("fault", "options", "code"), E2E_CASES.values(), ids=E2E_CASES.keys())
+@pytest.mark.parametrize(("fault", "options", "code", "extra"), E2E_CASES.values(), ids=E2E_CASES.keys())
 def test_avika_agent_update_through_faults_keeps_the_target_and_names_the_error(
     repo: Repo,
     proxy: FaultProxy,
@@ -771,10 +782,11 @@ def test_avika_agent_update_through_faults_keeps_the_target_and_names_the_error(
     fault: Fault,
     options: Callable[[Repo], dict[str, Any]],
     code: str,
+    extra: dict[str, str],
 ) -> None:
     config = tmp_path / "empty.conf"
     config.write_text("# configured through the environment\n")
-    env = agent_env(repo, proxy, host)
+    env = {**agent_env(repo, proxy, host), **extra}
     before = host.target.read_bytes()
     proxy.inject(repo.binary_path(NEW), fault, times=None, **options(repo))
     done = run_agent(env, "update", "--log-format", "json", config=config)
