@@ -148,9 +148,7 @@ def test_the_fetch_deadline_spans_redirects(upstream: LocalServer, proxy: FaultP
 
 def download(fetcher: HttpFetcher, url: str, target: Path) -> Path:
     """The install path's download: staged ``O_EXCL`` next to the target, fsynced."""
-    return install.stage(
-        target, "0.1.44", lambda fd: fetcher.download(url, fd, len(BINARY), sha256(BINARY))
-    )
+    return install.stage(target, "0.1.44", lambda fd: fetcher.download(url, fd, len(BINARY), sha256(BINARY)))
 
 
 @pytest.fixture
@@ -239,9 +237,8 @@ def test_the_stall_limit_is_a_named_parameter() -> None:
 
 def test_the_agent_builds_its_fetcher_from_the_configured_deadlines(tmp_path: Path) -> None:
     release = Release()
-    config = config_for(
-        tmp_path, "http://127.0.0.1:9/updates", release, UPDATE_FETCH_TIMEOUT="7s", UPDATE_DOWNLOAD_TIMEOUT="9m"
-    )
+    timeouts = {"UPDATE_FETCH_TIMEOUT": "7s", "UPDATE_DOWNLOAD_TIMEOUT": "9m"}
+    config = config_for(tmp_path, "http://127.0.0.1:9/updates", release, **timeouts)
     fetcher = agent_check.make_fetcher(config)
     assert (fetcher.fetch_timeout, fetcher.download_timeout) == (7, 540)
 
@@ -260,4 +257,3 @@ def test_a_dripping_reports_endpoint_cannot_hold_the_sender(proxy: FaultProxy) -
     assert proxy.wait_idle(15)
     [record] = proxy.seen("/v1/reports")
     assert record.client_gone
-
