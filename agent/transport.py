@@ -135,6 +135,17 @@ class Budget:
 # ---------------------------------------------------------------- sockets under a budget
 
 
+# Changing a socket's timeout costs a system call; a receive may wait this much past the deadline
+# rather than pay one on every receive while a long deadline shrinks.
+TIMEOUT_SLACK = 0.05
+
+
+def _set_timeout(sock: socket.socket, timeout: float) -> None:
+    current = sock.gettimeout()
+    if current is None or not timeout <= current <= timeout + TIMEOUT_SLACK:
+        sock.settimeout(timeout)
+
+
 class _TimedReader(io.RawIOBase):
     """The receiving side of a socket: each ``recv`` waits at most what the budget leaves."""
 
@@ -149,7 +160,7 @@ class _TimedReader(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         budget = self._owner.budget
-        self._sock.settimeout(budget.wait("read"))
+        _set_timeout(self._sock, budget.wait("read"))
         try:
             return self._raw.readinto(buffer) or 0
         except socket.timeout:
@@ -175,7 +186,7 @@ class _TimedSocket:
 
     def sendall(self, data: bytes) -> None:
         budget = self._owner.budget
-        self._sock.settimeout(budget.wait("write"))
+        _set_timeout(self._sock, budget.wait("write"))
         try:
             self._sock.sendall(data)  # the timeout bounds the whole call (Python >= 3.5)
         except socket.timeout:
