@@ -41,7 +41,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent import transport
 from agent.fetch import FetchFailed, HttpFetcher
@@ -80,6 +80,7 @@ class Pki:
     server_cert: Path
     server_key: Path
     wrong_name_cert: Path
+    sloppy_cert: Path  # from the same CA, without key identifiers
 
 
 def _name(common: str) -> x509.Name:
@@ -103,11 +104,22 @@ def _cert(
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=1))
     )
-    if kw.get("ca"):
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    ca = bool(kw.get("ca"))
+    unused = "content_commitment key_encipherment data_encipherment key_agreement encipher_only decipher_only"
+    usage = dict.fromkeys(unused.split(), False)
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=ca, path_length=0 if ca else None), True),
+        (x509.KeyUsage(digital_signature=not ca, key_cert_sign=ca, crl_sign=ca, **usage), True),
+    ]
+    if kw.get("identifiers", True):  # RFC 5280's key identifiers (Python 3.13's strict checks want them)
+        extensions.append((x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False))
+        extensions.append((x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False))
     names = kw.get("names")
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)  # type: ignore[arg-type]
+        extensions.append((x509.SubjectAlternativeName(names), False))  # type: ignore[arg-type]
+        extensions.append((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
     return builder.sign(signer, hashes.SHA256())
 
 
@@ -125,17 +137,28 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         names=[x509.DNSName(ORIGIN_NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     )
     wrong = _cert("elsewhere.test", key, "avika test CA", ca_key, names=[x509.DNSName("elsewhere.test")])
+    sloppy = _cert(
+        ORIGIN_NAME,
+        key,
+        "avika test CA",
+        ca_key,
+        names=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        identifiers=False,
+    )
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
     (d / "server.pem").write_bytes(good.public_bytes(pem))
     (d / "wrong.pem").write_bytes(wrong.public_bytes(pem))
+    (d / "sloppy.pem").write_bytes(sloppy.public_bytes(pem))
     (d / "server.key").write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     (d / "certs").mkdir()
     (d / "certs" / "ca.pem").write_bytes(ca.public_bytes(pem))
     subprocess.run(["openssl", "rehash", str(d / "certs")], check=True, capture_output=True)
-    return Pki(d / "ca.pem", d / "certs", d / "server.pem", d / "server.key", d / "wrong.pem")
+    return Pki(
+        d / "ca.pem", d / "certs", d / "server.pem", d / "server.key", d / "wrong.pem", d / "sloppy.pem"
+    )
 
 
 def wrap_tls(server: socketserver.TCPServer, cert: Path, key: Path) -> None:
@@ -215,6 +238,16 @@ def test_a_certificate_for_another_name_is_fetch_failed(trusted: Pki) -> None:
     with tls_server(trusted.wrong_name_cert, trusted.server_key) as server:
         server.serve("/m.json", b"{}")
         with pytest.raises(FetchFailed, match=r"CERTIFICATE_VERIFY_FAILED"):
+            HttpFetcher().get_manifest(https_url(server, "/m.json"))
+    assert server.requests == []
+
+
+def test_certificates_are_checked_as_strictly_on_every_python(trusted: Pki) -> None:
+    # Python 3.13 refuses a certificate without an authority key identifier by default; the
+    # agent does so on 3.9-3.12 too, so a fleet of mixed hosts agrees on what it trusts.
+    with tls_server(trusted.sloppy_cert, trusted.server_key) as server:
+        server.serve("/m.json", b"{}")
+        with pytest.raises(FetchFailed, match="Authority Key Identifier"):
             HttpFetcher().get_manifest(https_url(server, "/m.json"))
     assert server.requests == []
 
