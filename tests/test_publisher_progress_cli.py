@@ -1,0 +1,482 @@
+"""``release --plan``, ``progress`` and ``show`` through the real CLI, on real stores (DESIGN section 6).
+
+Everything is real: keys are generated, releases are published into a directory or an S3 bucket
+(moto), the agents' reports go through the real reports endpoint into SQLite or DynamoDB (moto),
+and every manifest ``progress`` signs is checked with the agent's own verifier. Time is real: the
+soaks are seconds long, and a test waits for one to pass. The hidden ``--now`` pins "right after a
+step began" to the step's ``signed_at`` (moto alone can take longer than a short soak), and looks
+a month ahead for "an empty fleet never advances"; it never makes a soak pass.
+
+What must hold:
+- ``release --plan`` signs ``rollout_plan`` with the first step as the percent; ``--rollout`` may
+  repeat it, never contradict it; bad plans and thresholds without ``--plan`` exit 2 naming the
+  option, with the store untouched; every re-sign keeps the plan;
+- ``progress``: ``waiting`` right after a release, ``advanced`` after the soak with enough healthy
+  reports, ``waiting`` again right after advancing; ``halted_now`` (exit 5) as soon as failures
+  pass the threshold, mid-soak; then ``halted``, with nothing signed; ``hold`` (exit 4) with too
+  few reports, and with an empty fleet, a month later too; ``complete`` at 100 %; ``no_plan``;
+  a run that decides nothing signs nothing (the store is byte for byte the same);
+- ``--json`` is the contract's object; ``--dry-run`` writes nothing;
+- ``show`` prints the plan, the current step and when the next one is due (and ``plan_status``
+  in ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import reports_fixtures
+from reports_fixtures import create_table
+
+from agent.manifest import Manifest, parse_time, rollout_bucket, verify_manifest
+from infra.reports.auth import make_token
+from infra.reports.core import ReportsEndpoint
+from infra.reports.store import ReportStore, SQLiteStore
+from publisher.store_url import open_store
+from tests.publisher_fixtures import KeyFile, cli, make_binary, new_key_file, snapshot
+
+SECRET = "progress-test-fleet-secret-0123456789"
+VERSION = "0.1.44"
+BUCKET = "avika-releases"
+TABLE = "avika-reports"
+
+aws = reports_fixtures.aws
+
+
+def agents_in_wave(count: int, percent: int, salt: str = VERSION, start: int = 0) -> list[str]:
+    """``count`` agent ids whose bucket for ``salt`` is below ``percent``."""
+    found = [f"host-{i}" for i in range(start, 100_000) if rollout_bucket(f"host-{i}", salt) < percent]
+    return found[:count]
+
+
+@dataclass
+class Site:
+    """A store (directory or S3), a signing key and a reports store (SQLite or DynamoDB)."""
+
+    tmp: Path
+    store: str
+    reports: str
+    key: KeyFile
+    report_store: ReportStore
+    seqs: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.endpoint = ReportsEndpoint(self.report_store, [SECRET.encode()])
+        self.stream = f"{int(time.time() * 1000) - 60_000:013x}{uuid.uuid4().hex[:16]}"
+
+    @property
+    def signing(self) -> tuple[str, ...]:
+        return ("--key", str(self.key.path), "--store", self.store)
+
+    def release(self, *args: str, version: str = VERSION, code: int = 0) -> Any:
+        binary = self.tmp / "dist" / version / "avika-agent"
+        if not binary.exists():
+            make_binary(binary, 2048, version)
+        done = cli(
+            "release", version, "--binary", f"linux-amd64={binary}", "--init", *self.signing, "--json", *args
+        )
+        assert done.exit_code == code, done.stderr
+        return json.loads(done.stdout) if code == 0 else done
+
+    def progress(self, *args: str) -> tuple[int, dict[str, Any], str]:
+        done = cli("progress", "--reports", self.reports, *self.signing, "--json", *args)
+        assert done.exit_code in (0, 4, 5), done.stderr
+        out = json.loads(done.stdout)
+        return done.exit_code, out, done.stderr
+
+    def live(self) -> Manifest:
+        """The live manifest, through the agent's own verifier."""
+        data = open_store(self.store).read("manifest.json")
+        assert data is not None
+        return verify_manifest(data, trusted=[self.key.public], now=datetime.now(UTC))
+
+    def state(self) -> dict[str, bytes | None]:
+        """``manifest.json`` and every archived serial, to prove that nothing was signed."""
+        target = open_store(self.store)
+        keys = ["manifest.json", *target.list("manifests/")]
+        return {k: target.read(k) for k in keys}
+
+    def report(self, agent_id: str, *states: str, version: str = VERSION, mode: str = "vm") -> None:
+        """Report an attempt at ``version`` through the real endpoint."""
+        events = []
+        for state in states:
+            seq = self.seqs[agent_id] = self.seqs.get(agent_id, 0) + 1
+            running = version if state == "committed" else "0.1.43"
+            events.append(
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "agent_id": agent_id,
+                    "stream": self.stream,
+                    "seq": seq,
+                    "time": "2026-02-15T19:59:00Z",
+                    "state": state,
+                    "version": running,
+                    "mode": mode,
+                    "platform": "linux-amd64",
+                    "target_version": version,
+                    "manifest_serial": 1,
+                }
+            )
+        headers = {"Authorization": f"Bearer {make_token(SECRET, agent_id)}"}
+        answer = self.endpoint.respond("POST", headers, json.dumps({"events": events}).encode())
+        assert answer.status == 202, answer.body
+
+    def committed(self, *agent_ids: str) -> None:
+        for agent_id in agent_ids:
+            self.report(agent_id, "downloading", "restarting", "watching", "committed")
+
+    def rolled_back(self, *agent_ids: str) -> None:
+        for agent_id in agent_ids:
+            self.report(agent_id, "downloading", "restarting", "rolled_back")
+
+    def known(self, *agent_ids: str) -> None:
+        """Agents the reports know, still on the old version with nothing attempted yet."""
+        for agent_id in agent_ids:
+            self.report(agent_id, "checking", version="0.1.43")
+
+
+def soak_over(manifest_or_time: Manifest | str, soak: float) -> None:
+    """Sleep until the soak that began at the step's ``signed_at`` is over (whole seconds)."""
+    began = parse_time(manifest_or_time) if isinstance(manifest_or_time, str) else manifest_or_time.signed_at
+    assert began is not None
+    due = began + timedelta(seconds=soak)
+    while (left := (due - datetime.now(UTC)).total_seconds()) > -0.05:
+        time.sleep(max(left + 0.1, 0.05))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    path = tmp_path / "reports.db"
+    store = SQLiteStore(path)
+    yield Site(tmp_path, str(tmp_path / "updates"), f"sqlite:///{path}", new_key_file(tmp_path), store)
+    store.close()
+
+
+@pytest.fixture(params=["dir+sqlite", "s3+dynamodb"])
+def any_site(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Site]:
+    if request.param == "dir+sqlite":
+        yield request.getfixturevalue("site")
+        return
+    request.getfixturevalue("aws")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    create_table(TABLE)
+    reports = ReportStore.from_url(f"dynamodb://{TABLE}")
+    yield Site(tmp_path, f"s3://{BUCKET}/updates", f"dynamodb://{TABLE}", new_key_file(tmp_path), reports)
+
+
+# ---------------------------------------------------------------- release --plan
+
+
+def test_release_signs_the_plan_and_starts_at_its_first_step(site: Site) -> None:
+    out = site.release(
+        "--plan", "10,50,100", "--soak", "2h", "--max-failure-rate", "0.1", "--min-agents", "5"
+    )
+    assert out["percent"] == 10
+    live = site.live()
+    assert live.rollout.percent == 10 and live.signed_at is not None
+    assert live.rollout_plan is not None
+    assert live.rollout_plan.to_dict() == {
+        "steps": [10, 50, 100],
+        "soak": "2h",
+        "max_failure_rate": "0.1",
+        "min_agents": 5,
+    }
+    payload = json.loads(live.raw)
+    assert payload["rollout_plan"]["max_failure_rate"] == "0.1"  # a string: the payload has no floats
+
+
+def test_release_plan_defaults_and_a_rollout_that_repeats_the_first_step(site: Site) -> None:
+    site.release("--plan", "25,100", "--rollout", "25")
+    plan = site.live().rollout_plan
+    assert plan is not None and plan.to_dict() == {
+        "steps": [25, 100],
+        "soak": "2h",
+        "max_failure_rate": "0.05",
+        "min_agents": 20,
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--plan", "10,50,100", "--rollout", "50"), "--rollout 50 disagrees with --plan 10,50,100"),
+        (("--plan", "10,50,100", "--rollout", "100"), "the plan's first step is the starting percent (10)"),
+        (("--plan", "50,10,100"), "10 after 50"),
+        (("--plan", "10,50"), "the last step must be 100"),
+        (("--plan", "0,100"), "'0' is not a percent"),
+        (("--plan", "10,100", "--soak", "soon"), "--soak 'soon'"),
+        (("--plan", "10,100", "--max-failure-rate", "5%"), "--max-failure-rate '5%'"),
+        (("--plan", "10,100", "--min-agents", "0"), "--min-agents 0"),
+        (("--soak", "1h"), "--soak set a rollout plan's thresholds: give --plan too"),
+        (("--max-failure-rate", "0.1", "--min-agents", "3"), "--max-failure-rate, --min-agents set"),
+    ],
+)
+def test_bad_plans_are_refused_before_anything_is_written(
+    site: Site, args: tuple[str, ...], message: str
+) -> None:
+    done = site.release(*args, code=2)
+    assert message in done.stderr, done.stderr
+    assert not Path(site.store).exists()
+
+
+def test_every_re_sign_keeps_the_plan(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    plan = site.live().rollout_plan
+    for command in (("rollout", "50"), ("halt",), ("refresh",), ("rollout", "10")):
+        done = cli(*command, *site.signing)
+        assert done.exit_code == 0, done.stderr
+        assert site.live().rollout_plan == plan, command
+
+
+def test_a_release_without_a_plan_has_nothing_to_progress(site: Site) -> None:
+    site.release("--rollout", "10")
+    before = site.state()
+    done = cli("progress", *site.signing, "--json")  # no --reports needed: nothing to judge
+    assert done.exit_code == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["action"], out["percent"], out["next_percent"], out["next_at"], out["canary"]) == (
+        "no_plan", 10, None, None, None
+    )  # fmt: skip
+    assert site.state() == before
+
+
+# ---------------------------------------------------------------- progress
+
+
+def at(moment: datetime | None) -> tuple[str, str]:
+    """``--now`` pinned to ``moment``: "right after" a step began, however slow the machine (moto)."""
+    assert moment is not None
+    return ("--now", moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def test_a_plan_climbs_waiting_advanced_waiting_then_complete(any_site: Site) -> None:
+    site = any_site
+    soak = 2
+    site.release("--plan", "10,50,100", "--soak", f"{soak}s", "--min-agents", "20")
+    first = site.live()
+
+    code, out, _ = site.progress(*at(first.signed_at))  # right after the release
+    assert code == 0 and out["action"] == "waiting"
+    assert (out["version"], out["serial"], out["percent"], out["next_percent"]) == (
+        VERSION,
+        first.serial,
+        10,
+        50,
+    )
+    assert parse_time(out["next_at"]) == first.signed_at + timedelta(seconds=soak)
+    assert set(out) >= {"action", "version", "serial", "percent", "next_percent", "next_at", "canary"}
+
+    wave = agents_in_wave(4, 10)
+    site.committed(*wave)  # the whole wave (4 agents, 3 needed) updated and stayed healthy
+    before = site.state()
+    code, out, _ = site.progress(*at(first.signed_at))
+    assert (
+        code == 0 and out["action"] == "waiting" and site.state() == before
+    )  # still soaking: nothing signed
+
+    soak_over(first, soak)
+    code, out, _ = site.progress()  # the real clock from here on
+    second = site.live()
+    assert code == 0 and out["action"] == "advanced", out
+    assert (second.serial, second.rollout.percent, second.rollout.salt) == (
+        first.serial + 1,
+        50,
+        first.rollout.salt,
+    )
+    assert second.rollout_plan == first.rollout_plan and second.binaries == first.binaries
+    assert (out["serial"], out["percent"], out["next_percent"]) == (second.serial, 50, 100)
+    assert parse_time(out["next_at"]) == second.signed_at + timedelta(seconds=soak)
+    assert (
+        out["canary"]["verdict"] == "pass"
+        and out["canary"]["ended"] == 4
+        and out["canary"]["min_agents"] == 3
+    )
+
+    before = site.state()
+    code, out, _ = site.progress(*at(second.signed_at))  # right after advancing: the new step soaks first
+    assert code == 0 and out["action"] == "waiting" and out["serial"] == second.serial
+    assert site.state() == before
+
+    more = agents_in_wave(4, 50, start=int(wave[-1].split("-")[1]) + 1)
+    site.committed(*more)
+    soak_over(second, soak)
+    code, out, _ = site.progress()
+    assert code == 0 and out["action"] == "advanced" and site.live().rollout.percent == 100
+    assert (out["next_percent"], out["next_at"]) == (None, None)
+
+    before = site.state()
+    code, out, _ = site.progress()
+    assert code == 0 and out["action"] == "complete" and out["percent"] == 100
+    assert site.state() == before
+
+
+def test_failures_halt_the_release_mid_soak_and_nothing_is_signed_after(any_site: Site) -> None:
+    site = any_site
+    site.release("--plan", "10,50,100", "--soak", "1h", "--max-failure-rate", "0.05")
+    first = site.live()
+    wave = agents_in_wave(4, 10)
+    site.committed(*wave[:3])
+    site.rolled_back(wave[3])  # 1 of 4 ended attempts: 25 % > 5 %, and 4 >= 3 needed
+
+    code, out, _ = site.progress()
+    assert code == 5 and out["action"] == "halted_now", out
+    halted = site.live()
+    assert (halted.serial, halted.rollout.percent, halted.rollout_plan) == (
+        first.serial + 1,
+        0,
+        first.rollout_plan,
+    )
+    assert (out["serial"], out["percent"], out["next_percent"], out["next_at"]) == (
+        halted.serial,
+        0,
+        None,
+        None,
+    )
+    assert out["canary"]["verdict"] == "fail" and out["canary"]["rolled_back"] == 1
+
+    before = site.state()
+    for _ in range(2):
+        code, out, _ = site.progress()
+        assert code == 0 and out["action"] == "halted" and out["serial"] == halted.serial
+    assert site.state() == before
+
+
+def test_too_few_reports_hold_after_the_soak(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "1s", "--min-agents", "20")
+    wave = agents_in_wave(10, 10)
+    site.committed(*wave[:2])
+    site.known(*wave[2:])  # 10 in the wave: 9 needed, 2 ended
+    soak_over(site.live(), 1)
+    before = site.state()
+    code, out, _ = site.progress()
+    assert code == 4 and out["action"] == "hold", out
+    assert (
+        out["canary"]["verdict"] == "hold"
+        and out["canary"]["ended"] == 2
+        and out["canary"]["min_agents"] == 9
+    )
+    assert out["in_wave"] == 10 and out["percent"] == 10 and out["next_percent"] == 50
+    assert site.state() == before
+    site.committed(*wave[2:9])  # 9 of 10: enough
+    code, out, _ = site.progress()
+    assert code == 0 and out["action"] == "advanced"
+
+
+def test_an_empty_fleet_holds_and_never_advances(site: Site) -> None:
+    site.release("--plan", "1,100", "--soak", "1s")
+    soak_over(site.live(), 1)
+    before = site.state()
+    for now in ([], ["--now", (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")]):
+        code, out, _ = site.progress(*now)
+        assert code == 4 and out["action"] == "hold"
+        assert out["in_wave"] == 0 and out["canary"]["ended"] == 0 and out["canary"]["min_agents"] == 1
+    assert site.state() == before
+
+
+def test_a_step_skipped_by_hand_continues_from_there(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    assert cli("rollout", "50", *site.signing).exit_code == 0
+    code, out, _ = site.progress()
+    assert (code, out["action"], out["percent"], out["next_percent"]) == (0, "waiting", 50, 100)
+    assert parse_time(out["next_at"]) == site.live().signed_at + timedelta(hours=1)  # the soak restarts at 50
+    assert cli("rollout", "100", *site.signing).exit_code == 0
+    code, out, _ = site.progress()
+    assert (code, out["action"]) == (0, "complete")
+
+
+def test_a_halted_plan_is_resumed_by_hand_and_soaks_again(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    assert cli("halt", *site.signing).exit_code == 0
+    code, out, _ = site.progress()
+    assert (code, out["action"], out["next_percent"], out["next_at"]) == (0, "halted", None, None)
+    assert cli("rollout", "10", *site.signing).exit_code == 0
+    code, out, _ = site.progress()
+    assert (code, out["action"], out["percent"]) == (0, "waiting", 10)
+    assert parse_time(out["next_at"]) == site.live().signed_at + timedelta(hours=1)
+
+
+def test_dry_run_decides_but_writes_nothing(site: Site) -> None:
+    site.release("--plan", "10,100", "--soak", "1s")
+    site.committed(*agents_in_wave(2, 10))
+    soak_over(site.live(), 1)
+    before = site.state()
+    code, out, _ = site.progress("--dry-run")
+    assert code == 0 and out["action"] == "advanced" and out["dry_run"] is True and out["percent"] == 100
+    assert site.state() == before
+    code, out, _ = site.progress()
+    assert code == 0 and out["action"] == "advanced" and out["dry_run"] is False
+
+
+def test_progress_text_says_what_it_did_and_why(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    done = cli("progress", "--reports", site.reports, *site.signing)
+    assert done.exit_code == 0, done.stderr
+    text = done.stdout
+    assert text.startswith(f"progress {VERSION}: WAITING (exit 0)")
+    assert "10 → 50 → 100 %, soak 1h, max failure rate 0.05, min agents 20" in text
+    assert "50 % is due at" in text and "canary       hold: 0 ended" in text
+
+
+def test_progress_refuses_without_a_key_or_a_reports_store(site: Site) -> None:
+    site.release("--plan", "10,100")
+    done = cli("progress", "--reports", site.reports, "--store", site.store)
+    assert done.exit_code == 2 and "--key" in done.stderr
+    done = cli("progress", *site.signing)
+    assert done.exit_code == 2 and "--reports" in done.stderr
+    done = cli("progress", "--reports", "sqlite:///nowhere/reports.db", *site.signing)
+    assert done.exit_code == 2 and "no reports database" in done.stderr
+
+
+def test_progress_refuses_a_live_manifest_signed_by_a_key_it_does_not_trust(
+    site: Site, tmp_path: Path
+) -> None:
+    site.release("--plan", "10,100")
+    stranger = new_key_file(tmp_path, "stranger.pem")
+    before = snapshot(Path(site.store))
+    done = cli("progress", "--reports", site.reports, "--key", str(stranger.path), "--store", site.store)
+    assert done.exit_code == 3 and "does not verify" in done.stderr
+    assert snapshot(Path(site.store)) == before
+
+
+# ---------------------------------------------------------------- show
+
+
+def test_show_prints_the_plan_the_step_and_the_next_due_time(site: Site) -> None:
+    site.release("--plan", "10,50,100", "--soak", "2h")
+    assert cli("refresh", *site.signing).exit_code == 0  # a refresh does not restart the step
+    first = json.loads(cli("history", *site.signing, "--json").stdout)[-1]
+    done = cli("show", "--store", site.store)
+    assert done.exit_code == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "plan         10 → 50 → 100 %, soak 2h, max failure rate 0.05, min agents 20" in lines
+    assert f"plan step    [10] → 50 → 100 % (step 1 of 3, since {first['signed_at']})" in lines
+    due = (parse_time(first["signed_at"]) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"next step    50 % at {due} if healthy (`avika-publish progress` takes it)" in lines
+
+    shown = json.loads(cli("show", "--store", site.store, "--json").stdout)
+    assert shown["rollout_plan"]["steps"] == [10, 50, 100]
+    status = shown["plan_status"]
+    assert (status["percent"], status["step"], status["of"], status["next_percent"]) == (10, 1, 3, 50)
+    assert (status["step_started_at"], status["next_at"], status["due"]) == (first["signed_at"], due, False)
+
+    assert cli("halt", *site.signing).exit_code == 0
+    shown = json.loads(cli("show", "--store", site.store, "--json").stdout)
+    assert shown["plan_status"]["halted"] and shown["plan_status"]["next_at"] is None
+    assert "halted at 0 % since" in cli("show", "--store", site.store).stdout
+
+
+def test_show_without_a_plan_is_unchanged(site: Site) -> None:
+    site.release()
+    shown = json.loads(cli("show", "--store", site.store, "--json").stdout)
+    assert "plan_status" not in shown and shown["rollout_plan"] is None
+    assert "plan         -" in cli("show", "--store", site.store).stdout.splitlines()
