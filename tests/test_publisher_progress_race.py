@@ -244,14 +244,14 @@ def test_concurrent_progress_processes_advance_once(tmp_path: Path) -> None:
             "--key", str(key), "--store", str(store.root)]  # fmt: skip
     runs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=proc_env())
-        for _ in range(3)
+        for _ in range(4)
     ]
     outputs = [run.communicate(timeout=120) for run in runs]
     results = [(run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
     for code, _, stderr in results:
         assert code == 0 and "Traceback" not in stderr, stderr
     actions = sorted(json.loads(stdout)["action"] for _, stdout, _ in results)
-    assert actions == ["advanced", "waiting", "waiting"], results
+    assert actions == ["advanced", "waiting", "waiting", "waiting"], results
     assert archived(store) == [archive_key(1), archive_key(2)]
     now = read_live(store, [signer])[1]
     assert (now.serial, now.rollout.percent) == (2, 50)
