@@ -19,11 +19,11 @@ a different agent.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +197,7 @@ def test_a_plan_climbs_by_itself_and_a_bad_release_halts_itself_at_its_first_ste
             )
             steps = serials(store, key, GOOD)
             assert [percent for _, percent, _ in steps] == [25, 50, 100]  # nobody else signed anything
-            for (_, _, began), (_, _, following) in zip(steps, steps[1:], strict=False):
+            for (_, _, began), (_, _, following) in itertools.pairwise(steps):
                 assert (following - began).total_seconds() >= SOAK  # each step soaked first
             codes = {action: code for code, action, _ in loop.actions(GOOD)}
             assert codes["advanced"] == 0 and codes.get("halted_now") is None
