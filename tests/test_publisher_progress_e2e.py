@@ -209,11 +209,9 @@ def test_a_plan_climbs_by_itself_and_a_bad_release_halts_itself_at_its_first_ste
             publish(tmp_path, store, key, server, BAD, bad, True)
             canary = hosts["first"]
             wait_for(
-                lambda: [p for _, p, _ in serials(store, key, BAD)] == [25, 0],
-                90,
-                f"{BAD} halted by progress",
+                lambda: (5, "halted_now", 0) in loop.actions(BAD), 90, f"progress to halt {BAD} (exit 5)"
             )
-            assert (5, "halted_now", 0) in loop.actions(BAD)
+            assert [p for _, p, _ in serials(store, key, BAD)] == [25, 0]
             wait_for(
                 lambda: canary.running_version() == GOOD and canary.pending() is None,
                 60,
