@@ -258,7 +258,8 @@ def needs_fleet(live: Manifest) -> bool:
     )
 
 
-def _pct(rate: float) -> str:
+def percent_text(rate: float) -> str:
+    """0.05 -> ``5.0 %``."""
     return f"{rate * 100:.1f} %"
 
 
@@ -306,7 +307,8 @@ def decide(
             action=HALTED_NOW,
             target=0,
             message=f"{len(report.failures)} of {ended} ended attempts at {live.version} failed or rolled "
-            f"back ({_pct(rate)}, above the plan's {_pct(limit)}): halting {where} at 0 % (was {percent} %)",
+            f"back ({percent_text(rate)}, above the plan's {percent_text(limit)}): halting {where} at 0 % "
+            f"(was {percent} %)",
         )
     if now < due:
         return replace(
@@ -328,7 +330,8 @@ def decide(
         action=ADVANCED,
         target=following,
         message=f"soak over and healthy ({len(report.failures)} of {ended} ended attempts failed, "
-        f"{_pct(rate)}, at most {_pct(limit)}): {live.version} goes from {percent} % to {following} %",
+        f"{percent_text(rate)}, at most {percent_text(limit)}): {live.version} goes from {percent} % "
+        f"to {following} %",
     )
 
 

@@ -188,11 +188,11 @@ def show_status(reader: Reader, live: Manifest, now: datetime | None = None) -> 
 
 
 def format_result(result: StepResult) -> str:
-    """``progress`` without ``--json``: the action and why, the step, the next one, the canary."""
+    """``progress`` without ``--json``: the action and why, the plan, the canary by the plan's thresholds."""
     d = result.decision
     verb = {
-        planning.ADVANCED: f"advanced to {d.percent} % (serial {d.serial})",
-        planning.HALTED_NOW: f"HALTED at 0 % now (serial {d.serial})",
+        planning.ADVANCED: f"ADVANCED to {d.percent} % (serial {d.serial})",
+        planning.HALTED_NOW: f"HALTED NOW at 0 % (serial {d.serial})",
     }.get(d.action, d.action.upper().replace("_", " "))
     if result.dry_run:
         verb = f"dry run: would sign {d.percent} % as serial {d.serial} ({d.action})"
@@ -200,22 +200,20 @@ def format_result(result: StepResult) -> str:
     plan = d.plan
     if plan is not None:
         lines.append(f"  plan         {planning.describe_plan(plan)}")
-    if d.step_started_at is not None:
-        lines.append(f"  step         {d.percent} % since {planning.format_time(d.step_started_at)}")
-    if d.next_percent is not None and d.next_at is not None:
+    if d.action == planning.ADVANCED and d.next_at is not None:
         lines.append(f"  next         {d.next_percent} % at {planning.format_time(d.next_at)} if healthy")
     report = d.canary
-    if report is not None:
-        counts = report.to_json()
+    if report is not None and plan is not None:
+        c = report.to_json()
         lines.append(
-            f"  canary       {report.verdict}: {counts['ended']} ended ({counts['committed']} committed, "
-            f"{counts['failed']} failed, {counts['rolled_back']} rolled back), {len(report.in_progress)} "
-            f"in progress; failure rate {report.failure_rate:.1%} (max {report.max_failure_rate:.1%})"
+            f"  canary       {report.verdict}: {c['ended']} attempt(s) ended, {report.min_agents} needed "
+            f"({c['committed']} committed, {c['failed']} failed, {c['rolled_back']} rolled back; "
+            f"{len(report.in_progress)} in progress)"
         )
-        floor = plan.min_agents if plan else "-"
         lines.append(
-            f"  enough       {report.min_agents} ended attempt(s): min_agents {floor}, or "
-            f"{planning.WAVE_SHARE_PERCENT} % of the {d.in_wave} agent(s) in the wave"
+            f"               failure rate {planning.percent_text(report.failure_rate)} "
+            f"(max {planning.percent_text(report.max_failure_rate)}); needed = min_agents {plan.min_agents}, "
+            f"or {planning.WAVE_SHARE_PERCENT} % of the {d.in_wave} agent(s) in the wave, at least 1"
         )
         for o in report.failures[:10]:
             why = " ".join(str(v) for v in (o.get("state"), o.get("failed_state"), o.get("error")) if v)

@@ -315,7 +315,18 @@ def test_progress_text_says_what_it_did_and_why(site: Site) -> None:
     text = done.stdout
     assert text.startswith(f"progress {VERSION}: WAITING (exit 0)")
     assert "10 → 50 → 100 %, soak 1h, max failure rate 0.05, min agents 20" in text
-    assert "50 % is due at" in text and "canary       hold: 0 ended" in text
+    assert "50 % is due at" in text and "canary       hold: 0 attempt(s) ended, 1 needed" in text
+
+    wave = agents_in_wave(2, 10)
+    site.rolled_back(*wave)
+    done = cli("progress", "--reports", site.reports, *site.signing)
+    assert done.exit_code == 5, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"progress {VERSION}: HALTED NOW at 0 % (serial 2) (exit 5)"
+    assert (
+        "2 of 2 ended attempts at 0.1.44 failed or rolled back (100.0 %, above the plan's 5.0 %)" in lines[1]
+    )
+    assert f"    {wave[0]}: rolled_back" in lines
 
 
 def test_progress_refuses_without_a_key_or_a_reports_store(site: Site) -> None:
