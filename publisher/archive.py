@@ -116,19 +116,22 @@ def trusted_manifest(data: bytes, trusted: Sequence[PublicKey]) -> Manifest:
 
 def examine(key: str, data: bytes, trusted: Sequence[PublicKey]) -> Entry:
     """Pure: what one stored object proves."""
-    claimed, hints = _claimed(data), _key_hints(data)
+    hints = _key_hints(data)
     try:
         manifest = trusted_manifest(data, trusted)
     except ManifestError as exc:
-        return Entry(key, None, exc.code, exc.message, claimed, hints, data=data)
-    signed = []
-    for public in trusted:
-        try:
-            verify_envelope(data, [public])
-        except ManifestError:
-            continue
-        signed.append(public.keyid)
+        return Entry(key, None, exc.code, exc.message, _claimed(data), hints, data=data)
+    # It verified: with one trusted key, that key signed it; with several, ask each.
+    signed = [trusted[0].keyid] if len(trusted) == 1 else [k.keyid for k in trusted if _signed_by(data, k)]
     return Entry(key, manifest, None, "", manifest, hints, tuple(signed), data=data)
+
+
+def _signed_by(data: bytes, key: PublicKey) -> bool:
+    try:
+        verify_envelope(data, [key])
+    except ManifestError:
+        return False
+    return True
 
 
 def plan_serial(highest_verified: int, taken: Iterable[int]) -> int:
@@ -231,7 +234,7 @@ class StoreView:
         bad = self.unverified()
         highest = self.highest_serial
         newer = [e for e in bad if e.key == MANIFEST_KEY or _claim(e) >= highest]
-        older = [e for e in bad if e not in newer]
+        older = [e for e in bad if not (e.key == MANIFEST_KEY or _claim(e) >= highest)]
         keys = ", ".join(k.keyid[:16] for k in self.trusted) or "none"
         if newer:
             out.append(
@@ -329,7 +332,8 @@ def read_store(store: Store, trusted: Sequence[PublicKey]) -> StoreView:
     live_object = store.read_versioned(MANIFEST_KEY)  # over 16 MiB aborts: its token is needed to replace it
     names = store.list(ARCHIVE_PREFIX)
     archived = [k for k in names if archive_serial(k) is not None and archive_key(archive_serial(k)) == k]
-    stray = tuple(k for k in names if k not in set(archived))
+    named = set(archived)
+    stray = tuple(k for k in names if k not in named)
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="avika-archive") as pool:
         results = list(pool.map(lambda k: _read(store, k), archived))
     entries, oversized = [], []

@@ -265,7 +265,8 @@ def keygen(out: Path, as_json: bool) -> None:
 @click.option(
     "--reports-url",
     metavar="URL",
-    help="Where agents report: https (http only to loopback); default: the live release's; '' for none.",
+    help="Where agents report: https (http only to loopback); default: kept from the newest release that "
+    "verifies; '' for none.",
 )
 @click.option("--force", is_flag=True, help="Allow replacing the binaries of an already published version.")
 @click.option(
@@ -695,6 +696,9 @@ def canary(
             )
         except PublishError as exc:
             refused = exc
+    if report.halt is not None and report.halt.outcome is not None:
+        for warning in report.halt.outcome.warnings:  # objects in the store that did not verify
+            _warn(warning)
     if as_json:
         _print_json(report.to_json())
     else:

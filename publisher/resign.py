@@ -108,17 +108,17 @@ def rollback_source(view: StoreView, version: str) -> Manifest:
         raise NoLiveRelease(
             f"nothing in {view.location} verifies with the trusted keys: no current release to roll back"
         )
-    candidates = view.verified_of(version)
-    if not candidates:
-        raise Refused(
-            f"no archived manifest of {version} in {view.location} verifies with the trusted keys; "
-            "'avika-publish history' lists the archived serials"
-        )
     current = head.manifest
     if parse_version(version) >= current.parsed_version:
         raise Refused(
             f"{version} is not older than the current release {current.version} (serial {current.serial}): "
             "rollback-to goes back to an older version; use rollout or release to go forward"
+        )
+    candidates = view.verified_of(version)
+    if not candidates:
+        raise Refused(
+            f"no archived manifest of {version} in {view.location} verifies with the trusted keys; "
+            "'avika-publish history' lists the archived serials"
         )
     return candidates[0]
 

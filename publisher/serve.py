@@ -18,11 +18,13 @@ read only up to its route's limit (``_body``: 411 without a length or with ``Tra
 413 over the limit). Range numbers have at most 19 digits (more: the header is ignored). A
 whitespace-only request line gets 400, one empty line before a request is skipped (RFC 9112
 section 2.2), and a two-word (HTTP/0.9) request is answered as HTTP/1.0, with a status line. Every
-request gets an HTTP answer; ``tests/test_publisher_serve_fuzz.py`` holds it to that.
+request gets an HTTP answer (an explicit ``HTTP/0.9`` gets 505); ``tests/test_publisher_serve_fuzz.py``
+holds it to that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -31,6 +33,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,6 +51,8 @@ _RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})", re.ASCII)  # ints o
 _LENGTH_RE = re.compile(r"[0-9]+", re.ASCII)  # int() also takes "-1", "+5", "1_0", Arabic-Indic digits
 _LENGTH_DIGITS = 15  # more digits than any limit here: too large, without building a huge int
 _ETAG_CACHE_ENTRIES = 4096
+LINGER_SECONDS = 2.0  # how long a closing connection drains what the client still sends ...
+LINGER_BYTES = 16 << 20  # ... and how much of it, at most (read in 1 MiB steps and discarded)
 UNSATISFIABLE = "unsatisfiable"
 
 
@@ -108,6 +113,25 @@ class UpdateServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
+    def shutdown_request(self, request: Any) -> None:
+        """A lingering close: FIN after the answer, then discard what the client still sends (at most
+        ``LINGER_BYTES`` for ``LINGER_SECONDS``) before closing. Closing a socket with unread input
+        sends a reset that can destroy the answer in flight, so a client refused early (413, 400,
+        411: its body was never read) would see a dropped connection instead of the status."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            deadline, budget = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+            while budget > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                request.settimeout(left)
+                data = request.recv(min(CHUNK, budget))
+                if not data:
+                    break
+                budget -= len(data)
+        self.close_request(request)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], ConnectionError):  # a client went away: not our error
             return
@@ -158,7 +182,19 @@ class _Handler(BaseHTTPRequestHandler):
         ok = super().parse_request()
         if not ok and not self.requestline.split():  # the base class answers nothing to a blank line
             self.send_error(400, "Empty request line")
+        if ok and self.request_version == "HTTP/0.9":  # "GET / HTTP/0.9": its answers have no status line
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+            self.send_error(505, "HTTP/0.9 is not supported")
+            return False
         return ok
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        # The base class writes no status line for HTTP/0.9 (an error found after the version was
+        # read, e.g. "X Y /a HTTP/0.9"): every answer here is HTTP/1.x.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        super().send_response_only(code, message)
 
     def _framing(self, method: str) -> bool:
         """Can the request's body be delimited? Answers 400 and returns False when it cannot."""
@@ -339,6 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in {**common, **extra, "Content-Type": content_type}.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if head:
             return
