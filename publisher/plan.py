@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from agent.manifest import Manifest, RolloutPlan, format_time, in_wave, parse_duration
+from agent.manifest import MAX_SOAK_SECONDS, Manifest, RolloutPlan, duration_seconds, format_time, in_wave
 from publisher.errors import Refused
 from publisher.fleet import EXIT_FAIL, EXIT_HOLD, CanaryReport, evaluate_canary, same_version
 
@@ -97,9 +97,11 @@ def plan_from_options(
     if parsed[-1] != 100:
         raise Refused(f"--plan {steps}: the last step must be 100 (a plan ends with the whole fleet)")
     try:
-        parse_duration(soak)
+        seconds = duration_seconds(soak)
     except ValueError:
         raise Refused(f"--soak {soak!r} is not a duration like 30s, 15m, 2h or 1h30m") from None
+    if seconds > MAX_SOAK_SECONDS:
+        raise Refused(f"--soak {soak} is longer than {MAX_SOAK_SECONDS // 86400}d (a typo?)")
     if not _RATE_RE.fullmatch(max_failure_rate):
         raise Refused(
             f"--max-failure-rate {max_failure_rate!r} is not a decimal from 0 to 1 with at most 6 "

@@ -281,6 +281,8 @@ def test_plan_from_options_builds_the_manifest_plan() -> None:
         (("-5,100",), "'-5' is not a percent"),
         ((",".join(str(n) for n in range(1, 101)) + ",100",), "101 steps"),
         (("10,100", "2x"), "--soak '2x'"),
+        (("10,100", " 2h"), "--soak ' 2h'"),
+        (("10,100", "366d"), "--soak 366d is longer than 365d"),
         (("10,100", "2h", "0.0500001"), "--max-failure-rate"),
         (("10,100", "2h", "1.5"), "--max-failure-rate"),
         (("10,100", "2h", "5%"), "--max-failure-rate"),

@@ -32,7 +32,7 @@ from publisher import progress as progressing
 from publisher.release import ReleaseSpec, release, sign_checked
 from publisher.resign import read_live, resign, resigned
 from publisher.stores import DirStore, Store, archive_key
-from tests.progress_fixtures import Reporter, agents_in_wave, soak_over
+from tests.progress_fixtures import Reporter, agents_in_wave
 from tests.publisher_fixtures import make_binary, new_signer, proc_env, run_publish
 
 aws = reports_fixtures.aws
@@ -235,13 +235,15 @@ def test_concurrent_progress_processes_advance_once(tmp_path: Path) -> None:
     signer = load_signers([str(key)], [])[0]
     store = DirStore(tmp_path / "updates")
     db = tmp_path / "reports.db"
-    publish(store, signer, tmp_path)
+    publish(store, signer, tmp_path, soak="1h")
     healthy_wave(lambda: ReportStore.from_url(f"sqlite:///{db}"))
     live = read_live(store, [signer])[1]
-    soak_over(live, 1)
-
+    # All runs look at the same moment, the end of the soak: a process that starts a second later
+    # than another must not see the next step's soak as over too (that would be a second, correct,
+    # advance, not the race under test).
+    now = (live.signed_at + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     argv = [sys.executable, "-m", "publisher.cli", "progress", "--json", "--reports", f"sqlite:///{db}",
-            "--key", str(key), "--store", str(store.root)]  # fmt: skip
+            "--key", str(key), "--store", str(store.root), "--now", now]  # fmt: skip
     runs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=proc_env())
         for _ in range(4)
