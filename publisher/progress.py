@@ -152,6 +152,29 @@ def _facts(reports: Callable[[], ReportStore], live: Manifest) -> planning.Fleet
         store.close()
 
 
+# ---------------------------------------------------------------- the console's release card
+
+
+def release_plan_status(
+    store: Store,
+    trusted: Sequence[PublicKey],
+    reports: ReportStore | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any] | None:
+    """``publisher.plan.plan_status`` of the live, verified release (the console's ``GET
+    /v1/releases``): the steps, the current one, the next one and ``next_at``; with ``reports``,
+    also the ``verdict`` and the ``action`` the next ``progress`` run would take. None when there
+    is no verified live release or it has no plan. Reads the whole archive and, with ``reports``,
+    every agent: cache it as the console caches its other slow reads."""
+    view = read_store(store, trusted)
+    live = view.live_release
+    if live is None or live.rollout_plan is None:
+        return None
+    facts = read_fleet(reports, live.version) if reports is not None and planning.needs_fleet(live) else None
+    manifests = [e.manifest for e in view.verified if e.manifest]
+    return planning.plan_status(live, manifests, _moment(now), facts)
+
+
 # ---------------------------------------------------------------- show (unverified, for display)
 
 

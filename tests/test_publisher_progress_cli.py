@@ -382,3 +382,22 @@ def test_show_without_a_plan_is_unchanged(site: Site) -> None:
     shown = json.loads(cli("show", "--store", site.store, "--json").stdout)
     assert "plan_status" not in shown and shown["rollout_plan"] is None
     assert "plan         -" in cli("show", "--store", site.store).stdout.splitlines()
+
+
+def test_the_console_reads_the_plan_status_of_the_verified_live_release(site: Site) -> None:
+    from publisher.progress import release_plan_status
+    from publisher.stores import DirStore
+
+    store = DirStore(Path(site.store))
+    assert release_plan_status(store, [site.key.public]) is None  # nothing published
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    live, before = site.live(), site.state()
+    status = release_plan_status(store, [site.key.public])
+    assert status is not None and (status["percent"], status["next_percent"]) == (10, 50)
+    assert status["next_at"] == (live.signed_at + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "verdict" not in status
+    site.rolled_back(*agents_in_wave(2, 10))
+    judged = release_plan_status(store, [site.key.public], site.report_store)
+    assert judged is not None and (judged["verdict"], judged["action"]) == ("fail", "halted_now")
+    assert release_plan_status(store, [new_key_file(site.tmp, "other.pem").public]) is None  # not trusted
+    assert site.state() == before  # only read: a "fail" verdict here signs nothing
