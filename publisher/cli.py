@@ -255,7 +255,7 @@ def keygen(out: Path, as_json: bool) -> None:
     default=100,
     show_default=True,
     metavar="PERCENT",
-    help="Share of agents in the first wave.",
+    help="Share of agents in the first wave (with --plan: its first step).",
 )
 @click.option(
     "--rollout-salt", metavar="S", help="Wave salt (default: the version, so each release picks anew)."

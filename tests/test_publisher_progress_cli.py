@@ -401,3 +401,26 @@ def test_the_console_reads_the_plan_status_of_the_verified_live_release(site: Si
     assert judged is not None and (judged["verdict"], judged["action"]) == ("fail", "halted_now")
     assert release_plan_status(store, [new_key_file(site.tmp, "other.pem").public]) is None  # not trusted
     assert site.state() == before  # only read: a "fail" verdict here signs nothing
+
+
+def test_show_over_http_finds_when_the_step_began_from_the_archive(site: Site) -> None:
+    import threading
+
+    from publisher.serve import make_server
+
+    site.release("--plan", "10,50,100", "--soak", "1h")
+    first = site.live()
+    soak_over(first, 1)  # the refreshes are signed at a later second than the release
+    for _ in range(2):
+        assert cli("refresh", *site.signing).exit_code == 0  # serials 2 and 3: the same step
+    assert site.live().signed_at > first.signed_at
+    server = make_server(Path(site.store), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        shown = json.loads(cli("show", "--url", server.url, "--json").stdout)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert shown["serial"] == 3
+    assert shown["plan_status"]["step_started_at"] == first.signed_at.strftime("%Y-%m-%dT%H:%M:%SZ")
