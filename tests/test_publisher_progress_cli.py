@@ -355,6 +355,7 @@ def test_progress_refuses_a_live_manifest_signed_by_a_key_it_does_not_trust(
 
 def test_show_prints_the_plan_the_step_and_the_next_due_time(site: Site) -> None:
     site.release("--plan", "10,50,100", "--soak", "2h")
+    soak_over(site.live(), 1)  # the refresh is signed at a later second
     assert cli("refresh", *site.signing).exit_code == 0  # a refresh does not restart the step
     first = json.loads(cli("history", *site.signing, "--json").stdout)[-1]
     done = cli("show", "--store", site.store)
