@@ -167,16 +167,18 @@ def wave_size(live: Manifest, fleet: FleetFacts) -> int:
     attempted = {o.get("agent_id") for o in fleet.outcomes}
     known = set()
     count = 0
+    on_version: dict[Any, bool] = {}  # a fleet runs a few versions: parse each once
     for agent in fleet.agents:
         agent_id = agent.get("agent_id")
         if not isinstance(agent_id, str) or agent_id in known:
             continue
         known.add(agent_id)
+        version = agent.get("version")
+        if version not in on_version:
+            on_version[version] = same_version(version, live.version)
         # A container never swaps (no attempt ends); one already on the version has nothing to do.
         if agent_id in attempted or (
-            agent.get("mode") != "container"
-            and not same_version(agent.get("version"), live.version)
-            and in_wave(agent_id, live.rollout)
+            agent.get("mode") != "container" and not on_version[version] and in_wave(agent_id, live.rollout)
         ):
             count += 1
     return count + len(attempted - known)
