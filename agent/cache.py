@@ -53,6 +53,7 @@ BUILD_INFO = "avika-build.json"
 BOOT_MODULE = "_avika_cache"
 SITE = "site.zip"
 NATIVE = "native"
+NATIVES_INDEX = "natives.json"  # in an unpacked tag dir: {relative path: blob}, for sharing by link
 TMP_PREFIX = ".tmp-"  # an unpacking in progress: .tmp-<pid>-<random>
 PRIVATE_PREFIX = ".private-"  # a throwaway root for a smoke test: .private-<pid>-<random>
 # A temporary directory of a live process is kept unless it is older than this (pid reuse).
@@ -149,10 +150,43 @@ def _write_build_info(archive: zipfile.ZipFile, build_dir: Path) -> None:
     os.replace(tmp, final)
 
 
+def _donors(root: Path) -> dict[str, Path]:
+    """Blob -> an unpacked native library with that content, in ``root`` or, for a private root,
+    in the root it sits in: a build whose dependencies did not change links them, not inflates."""
+    roots = [root, root.parent] if root.name.startswith(PRIVATE_PREFIX) else [root]
+    found: dict[str, Path] = {}
+    for top in roots:
+        for index in top.glob(f"*/cp*/{NATIVES_INDEX}"):
+            try:
+                entries = json.loads(index.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(entries, dict):
+                for relative, blob in entries.items():
+                    found.setdefault(str(blob), index.parent / NATIVE / str(relative))
+    return found
+
+
+def _place_native(
+    archive: zipfile.ZipFile, member: str, dest: Path, donor: Path | None, durable: bool
+) -> None:
+    """Link ``donor`` (same blob: same bytes) at ``dest`` if it is intact, else inflate ``member``."""
+    if donor is not None:
+        try:
+            if donor.stat().st_size == archive.getinfo(member).file_size:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.link(donor, dest)
+                return
+        except OSError:
+            pass
+    _copy_member(archive, member, dest, 0o755, durable)
+
+
 def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path:
     """Unpack ``tag``'s part of the build under ``root`` (once: a concurrent start may win).
 
-    In a :func:`private_root` (a smoke test's, removed right after) nothing is fsynced.
+    Native libraries another build in the root already unpacked (same blob) are hard-linked, not
+    inflated. In a :func:`private_root` (a smoke test's) nothing is fsynced.
     """
     build_dir = root / build["build_id"]
     home = build_dir / tag
@@ -162,11 +196,15 @@ def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path
         build_dir.mkdir(mode=0o700, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=root))
         try:
+            donors = _donors(root)
             with zipfile.ZipFile(archive) as zf:
                 _write_build_info(zf, build_dir)
                 _copy_member(zf, f"{tag}/{SITE}", tmp / SITE, 0o644, durable)
                 for relative, member in sorted(part["natives"].items()):
-                    _copy_member(zf, member, tmp / NATIVE / relative, 0o755, durable)
+                    blob = member.rsplit("/", 1)[-1]
+                    _place_native(zf, member, tmp / NATIVE / relative, donors.get(blob), durable)
+            index = {rel: member.rsplit("/", 1)[-1] for rel, member in part["natives"].items()}
+            (tmp / NATIVES_INDEX).write_text(json.dumps(index, sort_keys=True))
             for directory in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
                 if durable:
                     _fsync(directory)

@@ -187,6 +187,30 @@ def test_a_killed_unpack_leaves_nothing_a_start_or_a_prune_trips_on(tmp_path: Pa
     assert sorted(p.name for p in root.iterdir()) == [BUILD_ID]
 
 
+def test_a_build_with_the_same_native_libraries_links_them(tmp_path: Path) -> None:
+    # The common update changes the agent, not cryptography: its 15 MB library is not inflated again.
+    root = tmp_path / "cache"
+    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
+    build_a, build_b = make_archive(first, BUILD_ID), make_archive(second, OTHER_ID)
+    for archive, build in ((first, build_a), (second, build_b)):
+        out, err = boot(archive, build, root).communicate(timeout=60)
+        assert json.loads(out or err)[1] == "hello from site.zip", err
+    relative = f"native/fake/{extension().name}"
+    a, b = (root / build_id / TAG / relative for build_id in (BUILD_ID, OTHER_ID))
+    assert a.stat().st_ino == b.stat().st_ino and a.read_bytes() == extension().read_bytes()
+    # A smoke test's private root links from the root it sits in; a damaged donor is not used.
+    private = root / f"{cache.PRIVATE_PREFIX}1-x"
+    private.mkdir()
+    cache.unpack(str(second), build_b, TAG, private)
+    assert (private / OTHER_ID / TAG / relative).stat().st_ino == a.stat().st_ino
+    os.truncate(a, 10)  # (both names: one inode)
+    third = tmp_path / "c.zip"
+    build_c = make_archive(third, "1.2.5-abababababababab")
+    cache.unpack(str(third), build_c, TAG, root)
+    fresh = root / "1.2.5-abababababababab" / TAG / relative
+    assert fresh.stat().st_ino != a.stat().st_ino and fresh.read_bytes() == extension().read_bytes()
+
+
 def test_an_unwritable_cache_is_one_error_naming_it(tmp_path: Path) -> None:
     archive = tmp_path / "agent.zip"
     build = make_archive(archive)
