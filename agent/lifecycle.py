@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,17 @@ from agent.manifest import Manifest, format_time, parse_time, resolve_url
 from agent.state import AgentState, fsync_dir, set_aside, state_transaction, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+
+class StrEnum(str, Enum):
+    """``enum.StrEnum`` (Python 3.11) on 3.9: members are their values in ``str()`` and f-strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
 
 PENDING_FILE = "pending.json"
 # The commit deadline: the health window plus this grace, counted from the swap (DESIGN section 4).

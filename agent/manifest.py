@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -435,13 +435,13 @@ def parse_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not an RFC 3339 time")
     normal = text.upper().replace("Z", "+00:00").replace(" ", "T")
     frac = re.search(r"\.(\d+)", normal)
-    if frac and len(frac.group(1)) > 6:  # Python keeps microseconds; drop the rest
-        normal = normal.replace(frac.group(0), "." + frac.group(1)[:6])
+    if frac:  # microseconds, exactly six digits: Python 3.9's fromisoformat takes no other count
+        normal = normal.replace(frac.group(0), "." + frac.group(1)[:6].ljust(6, "0"))
     return datetime.fromisoformat(normal)
 
 
 def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -159,7 +159,7 @@ def write_pid_record(state_dir: Path, *, version: str, args: Sequence[str], targ
         {
             "pid": os.getpid(),
             "version": version,
-            "started_at": format_time(datetime.now(UTC)),
+            "started_at": format_time(datetime.now(timezone.utc)),
             "args": list(args),
             "target": str(target),
         },
@@ -200,7 +200,7 @@ def write_stopping(state_dir: Path) -> None:
     """Written by the SIGTERM handler: the agent was stopped on purpose, the watchdog stands down."""
     with contextlib.suppress(OSError):
         write_json_atomic(
-            state_dir / STOPPING_FILE, {"pid": os.getpid(), "time": format_time(datetime.now(UTC))}
+            state_dir / STOPPING_FILE, {"pid": os.getpid(), "time": format_time(datetime.now(timezone.utc))}
         )
 
 
@@ -556,7 +556,7 @@ class Watchdog:
             if pending is None:
                 log.info("watchdog: no update pending any more (committed or rolled back); standing down")
                 return 0
-            if datetime.now(UTC) > pending.deadline_time:
+            if datetime.now(timezone.utc) > pending.deadline_time:
                 log.info("watchdog: commit deadline passed; standing down")
                 return 0
             if not self.agent.dead(WATCHDOG_POLL):
@@ -601,7 +601,7 @@ class Watchdog:
                 sink,
                 pending,
                 lifecycle.TOO_MANY_BOOTS,
-                now=datetime.now(UTC),
+                now=datetime.now(timezone.utc),
                 from_state=died_in,
             )
             pid, watched = launch_detached(self.spec.launch)
