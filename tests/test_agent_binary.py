@@ -74,9 +74,7 @@ class Built:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     signer = LocalSigner(generate_private_key())
-    path = agent_files(tmp_path_factory).get(
-        "v" + VERSION, signer.public_key.b64, verify=False
-    )  # COMPAT-TODO
+    path = agent_files(tmp_path_factory).get("v" + VERSION, signer.public_key.b64, verify=True)
     return Built(path, signer, tmp_path_factory.mktemp("runs"))
 
 
