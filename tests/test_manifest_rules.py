@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -57,7 +57,7 @@ from agent.manifest import (
     verify_manifest,
 )
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 # Where the envelopes of these tests are served from: the origin binary URLs may use.
 SERVED_FROM = "https://updates.example.com/avika/manifest.json"
 NO_TRUST = TrustState()
@@ -627,7 +627,7 @@ def test_every_field_is_read() -> None:
         **obj,
         "binaries": {k: dict(v) for k, v in sorted(obj["binaries"].items())},
     }
-    assert manifest.signed_at == datetime(2026, 2, 20, 8, 30, tzinfo=UTC)
+    assert manifest.signed_at == datetime(2026, 2, 20, 8, 30, tzinfo=timezone.utc)
     assert manifest.rollout_plan == m.RolloutPlan(steps=(1, 10, 50, 100), soak="2h", max_failure_rate="0.05")
     assert manifest.rollout_plan.soak_seconds == 7200
 
@@ -794,8 +794,8 @@ def test_times_with_offsets_and_fractions_are_instants() -> None:
             )
         )
     )
-    assert manifest.released_at == datetime(2026, 2, 15, 20, 0, 0, 123456, tzinfo=UTC)
-    assert manifest.expires == datetime(2026, 3, 17, 20, 0, tzinfo=UTC)
+    assert manifest.released_at == datetime(2026, 2, 15, 20, 0, 0, 123456, tzinfo=timezone.utc)
+    assert manifest.expires == datetime(2026, 3, 17, 20, 0, tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------- expiry

@@ -26,7 +26,7 @@ import tempfile
 import textwrap
 import threading
 from dataclasses import asdict, fields, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +350,7 @@ state_like = st.fixed_dictionaries(
 
 def use_every_field(state: AgentState) -> None:
     """What the agent's readers do with a loaded state; none of it may raise."""
-    now = datetime(2026, 3, 1, tzinfo=UTC)
+    now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     lifecycle.blocked_pairs(state, now=now)
     lifecycle.record_failure(state.attempts, "0.1.44", "a" * 64, "fetch_failed", now=now, interval=60)
     lifecycle.remember_bad(state.bad_versions, "0.1.44", "a" * 64, "too_many_boots", now=now)

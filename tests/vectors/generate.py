@@ -25,7 +25,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,11 @@ def at(delta: timedelta) -> str:
 
 
 def utc(text: str) -> str:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+        .astimezone(timezone.utc)
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
 
 
 def expected_fields(obj: dict[str, Any]) -> dict[str, Any]:
