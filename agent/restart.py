@@ -103,6 +103,7 @@ WATCHDOG_START_WAIT = 10.0  # how long the forking process waits for the watchdo
 TERM_GRACE = 10.0  # a hung agent gets SIGTERM, then SIGKILL after this (DESIGN section 4)
 KILL_WAIT = 30.0  # after SIGKILL; only an uninterruptible sleep outlasts it
 HANG_LOCK_WAIT = 30.0  # the agent holds the update lock for moments while it commits or rolls back
+LAUNCH_ATTEMPTS = 8  # starting an agent is tried this often (0.5 s doubling, about 40 s in all)
 _FALLBACK_MAXFD = 4096
 
 
@@ -689,9 +690,26 @@ class Watchdog:
             self._roll_back(pending, lifecycle.COMMIT_DEADLINE_PASSED, died_in)
             return True
         self.boots_at_start, self.adopted, self.watched_since = pending.boots, False, _utcnow()
-        pid, self.agent = launch_detached(self.spec.launch)
+        started = self._launch()
+        if started is None:
+            return True
+        pid, self.agent = started
         log.info("watchdog: started %s again as pid %d", self.spec.launch.target, pid)
         return False
+
+    def _launch(self) -> tuple[int, _Watched] | None:
+        """``launch_detached``, tried again while forks fail (a host out of processes or memory):
+        a watchdog that died of it would leave no agent at all."""
+        delay = 0.5
+        for attempt in range(1, LAUNCH_ATTEMPTS + 1):
+            try:
+                return launch_detached(self.spec.launch)
+            except (RestartFailed, OSError) as exc:
+                log.error("watchdog: cannot start %s (attempt %d): %s", self.spec.launch.target, attempt, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        log.critical("watchdog: gave up starting %s; its next start resumes", self.spec.launch.target)
+        return None
 
     def _adopt(self, pid: int) -> None:
         pending = self._pending()
@@ -771,9 +789,11 @@ class Watchdog:
     def _start_restored(self, sink: EventSink) -> None:
         """Start the target (the old version again, unless the restore failed) and send the report."""
         try:
-            pid, watched = launch_detached(self.spec.launch)
-            watched.close()
-            log.warning("watchdog: started the restored %s as pid %d", self.spec.launch.target, pid)
+            started = self._launch()
+            if started is not None:
+                pid, watched = started
+                watched.close()
+                log.warning("watchdog: started the restored %s as pid %d", self.spec.launch.target, pid)
             sink.flush(timeout=WATCHDOG_FLUSH)  # the old version is running already: no one waits
         finally:
             _close_sink(sink)

@@ -37,6 +37,8 @@ from pathlib import Path
 import pytest
 
 from agent import restart, sdnotify
+from agent.config import AgentConfig
+from agent.events import Origin
 from tests.agent_harness import Host, alive, dev_binary, keys_of, site, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -525,6 +527,36 @@ def test_watchdog_holds_no_inherited_descriptor(tmp_path):
             assert int(restart_ppid(watchdog)) != agent  # never the agent's child
         finally:
             host.kill_all()
+
+
+def test_the_watchdog_holds_no_inherited_lock_once_spawn_returns(tmp_path):
+    """The caller execs right after ``spawn_watchdog``: by then the watchdog must have let go of
+    every descriptor it inherited. It used to report its pid before closing them, so the exec'd
+    new version could find its own run lock held by the half-started watchdog, exit with
+    ``already_running`` and lose a boot."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = AgentConfig(state_dir=state_dir, target=tmp_path / "avika-agent")
+    agent = subprocess.Popen(["sleep", "60"])
+    held = os.open(tmp_path / "agent.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        for _ in range(10):
+            launch = restart.Launch(str(config.target), ("run",))
+            watchdog = restart.spawn_watchdog(
+                config, Origin("h", "1.0.0", "vm", None), agent.pid, launch, boots_at_start=0
+            )
+            assert watchdog is not None
+            try:
+                fds = {os.readlink(fd) for fd in Path(f"/proc/{watchdog}/fd").glob("*") if int(fd.name) > 2}
+            except FileNotFoundError:
+                fds = set()  # it saw no update pending and is gone already: holding nothing either
+            assert not any("agent.lock" in fd for fd in fds), fds
+            wait_for(lambda watchdog=watchdog: not alive(watchdog), 10, "the watchdog to stand down")
+    finally:
+        os.close(held)
+        agent.kill()
+        agent.wait()
 
 
 def children_of(pid: int) -> dict[int, str]:
