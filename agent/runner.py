@@ -435,7 +435,12 @@ class Runner:
         """True when the old binary was restored (the caller restarts into it)."""
         assert self.watch is not None
         config = self.config
-        current = lifecycle.read_pending(config.state_dir, set_aside_corrupt=False)
+        try:
+            current = lifecycle.read_pending(config.state_dir, set_aside_corrupt=False)
+        except lifecycle.PendingCorrupt as exc:  # written behind our back: the next start sets it aside
+            log.error("%s; not watching any more", exc.message)
+            self.watch = None
+            return False
         if current is None or current.to_sha256 != self.watch.pending.to_sha256:
             log.info("the update to %s was finished elsewhere; not watching", self.watch.pending.to_version)
             self.watch = None
