@@ -96,7 +96,7 @@ from agent import install
 from agent.config import AgentConfig
 from agent.events import EventSink
 from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
-from agent.manifest import Manifest, format_time, parse_time, resolve_url
+from agent.manifest import MAX_SERIAL, Manifest, format_time, parse_time, resolve_url
 from agent.state import (
     AgentState,
     LockBusy,
@@ -112,7 +112,6 @@ log = logging.getLogger(__name__)
 PENDING_FILE = "pending.json"
 # A pending record is a few hundred bytes; anything this large is not one (and is not read whole).
 MAX_RECORD_BYTES = 64 * 1024
-MAX_SERIAL = 2**53 - 1
 # Past the commit deadline, a live loop may still be inside a check (UPDATE_FETCH_TIMEOUT); this
 # much more covers a state-lock wait (10 s at most) and a slow disk before a loop counts as hung.
 HANG_MARGIN = 20

@@ -587,9 +587,11 @@ def _watchdog_main(spec: WatchdogSpec, pidfd: int | None, starttime: int | None,
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         pidfd, kept = _isolate(pidfd, report)
         assert kept is not None
+        watchdog = Watchdog(spec, _Watched(spec.agent_pid, pidfd, starttime))
+        watchdog.write_record()  # before the agent execs: the new version must see a watchdog runs
         os.write(kept, str(os.getpid()).encode())  # only now may the agent exec
         os.close(kept)
-        code = Watchdog(spec, _Watched(spec.agent_pid, pidfd, starttime)).run()
+        code = watchdog.run()
     except BaseException:
         log.exception("watchdog failed")
         code = 1
@@ -614,12 +616,15 @@ class Watchdog:
         self.adopted = False  # started by someone else: its deaths are not ours to count
         self.watched_since = _utcnow()
 
-    def run(self) -> int:
+    def write_record(self) -> None:
+        """``watchdog.pid``: this pid with its start time, so a reused pid is never taken for it."""
         found = proc_stat(os.getpid())
         write_json_atomic(
             self.state_dir / WATCHDOG_FILE,
             {"pid": os.getpid(), "agent_pid": self.agent.pid, "starttime": found[1] if found else None},
         )
+
+    def run(self) -> int:
         try:
             return self._loop()
         finally:
@@ -647,13 +652,11 @@ class Watchdog:
             if pending is None:
                 log.info("watchdog: no update pending any more (committed or rolled back); standing down")
                 return 0
-            if _utcnow() >= self.hung_after(pending):
-                if self._end_hang():
+            hung = _utcnow() >= self.hung_after(pending)
+            if self.agent.dead(0.0 if hung else WATCHDOG_POLL):
+                if self._after_death():
                     return 0
-                continue
-            if not self.agent.dead(WATCHDOG_POLL):
-                continue
-            if self._after_death():
+            elif hung and self._end_hang():
                 return 0
 
     def _after_death(self) -> bool:
