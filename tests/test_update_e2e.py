@@ -638,7 +638,9 @@ def test_the_kills_landed_in_many_states(kill_results):
 # ---------------------------------------------------------------- killed in a state: the disk a kill leaves
 
 
-def leave_disk_as_killed_in(host: Host, state: str, old: bytes, new: bytes, now: datetime) -> None:
+def leave_disk_as_killed_in(
+    host: Host, state: str, old: bytes, new: bytes, now: datetime, deadline: timedelta = timedelta(minutes=10)
+) -> None:
     boots = {"staged": 0, "restarting": 0, "watching_last_boot": 3}[state]
     host.state_dir.mkdir(parents=True, exist_ok=True)
     if state != "staged":
@@ -655,7 +657,7 @@ def leave_disk_as_killed_in(host: Host, state: str, old: bytes, new: bytes, now:
         "serial": 1,
         "boots": boots,
         "swapped_at": format_time(now),
-        "deadline": format_time(now + timedelta(minutes=10)),
+        "deadline": format_time(now + deadline),
     }
     (host.state_dir / "pending.json").write_text(json.dumps(record))
 
@@ -685,6 +687,30 @@ def test_killed_in_state_the_next_start_converges(tmp_path, state, ends_on, repo
                 assert host.state()["bad_versions"][0]["reason"] == "too_many_boots"
             assert host.chain("1.1.0")[: len(reported)] == reported
             assert host.stray_files() == []
+        finally:
+            host.kill_all()
+
+
+def test_after_a_host_crash_a_hung_version_forks_its_own_watchdog_and_is_still_rolled_back(tmp_path):
+    """Power cut right after the swap: no process survived, so no watchdog either. The next start
+    (the hung new version, started by init) counts its boot, finds no watchdog alive and forks one
+    for itself, which ends the hang as the old version's would have."""
+    with site() as s:
+        host, old, bad = setup(tmp_path, s, variant="hang_after_boot", **HANG_ENV)
+        s.release("1.1.0", bad)
+        leave_disk_as_killed_in(host, "restarting", old, bad, datetime.now(UTC), timedelta(seconds=3))
+        first = host.start()
+        try:
+            watchdog = wait_for(host.watchdog_pid, 30, "a watchdog forked by the new version itself")
+            assert f"watchdog pid {watchdog} watches agent pid {first.pid}" in host.log_text()
+            wait_for(
+                lambda: host.running_version() == "1.0.0" and "rolled_back" in host.chain("1.1.0"),
+                90,
+                "the rollback of the hung version",
+            )
+            assert not alive(first.pid) and host.target.read_bytes() == old and host.pending() is None
+            assert events_with(host, "rolled_back")[-1]["error"].startswith("hung")
+            assert [b["reason"] for b in host.state()["bad_versions"]] == ["hung"]
         finally:
             host.kill_all()
 
