@@ -589,7 +589,8 @@ def _watchdog_main(spec: WatchdogSpec, pidfd: int | None, starttime: int | None,
         assert kept is not None
         watchdog = Watchdog(spec, _Watched(spec.agent_pid, pidfd, starttime))
         watchdog.write_record()  # before the agent execs: the new version must see a watchdog runs
-        os.write(kept, str(os.getpid()).encode())  # only now may the agent exec
+        with contextlib.suppress(OSError):  # EPIPE: the agent died (or gave up waiting): watch anyway
+            os.write(kept, str(os.getpid()).encode())  # only now may the agent exec
         os.close(kept)
         code = watchdog.run()
     except BaseException:

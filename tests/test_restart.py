@@ -559,6 +559,32 @@ def test_the_watchdog_holds_no_inherited_lock_once_spawn_returns(tmp_path):
         agent.wait()
 
 
+def test_a_watchdog_whose_agent_stopped_listening_still_supervises(tmp_path):
+    """The soak killed an agent right after it forked its watchdog: the watchdog's report of its
+    pid hit a closed pipe (EPIPE) and it died, leaving the update unsupervised. It must go on."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = AgentConfig(state_dir=state_dir, target=tmp_path / "avika-agent")
+    agent = subprocess.Popen(["sleep", "60"])
+    spec = restart.WatchdogSpec(
+        config, Origin("h", "1.0.0", "vm", None), agent.pid, restart.Launch(str(config.target), ("run",)), 0
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody listens any more
+    child = os.fork()
+    if child == 0:
+        restart._watchdog_main(spec, None, None, write_end)  # never returns
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(child, 0)
+        # It got past the report and ran its loop: no update pending, so it stood down cleanly.
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not (state_dir / "watchdog.pid").exists()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
 def children_of(pid: int) -> dict[int, str]:
     """Every process whose parent is ``pid``, with its state letter (``Z`` = zombie)."""
     found = {}
