@@ -45,6 +45,7 @@ from packaging.version import InvalidVersion
 from agent.manifest import PublicKey, Signer, normalize_version, parse_version
 from infra.reports.store import ReportStore, StoreError
 from publisher import release as publishing
+from publisher import resign as resigning
 from publisher.errors import PublishError, Refused
 from publisher.stores import Store
 
@@ -89,18 +90,30 @@ def open_reports(url: str | None) -> ReportStore:
         raise PublishError(f"reports store {url}: {exc}") from None
 
 
+def read_failed(store: ReportStore, exc: StoreError) -> PublishError:
+    """A read error that names the store; a missing DynamoDB table is named as such (a typo in
+    ``--reports`` / ``AVIKA_REPORTS``, or another region), not as a bare AWS error code."""
+    table = getattr(store, "table", None)
+    if table is not None and "ResourceNotFoundException" in str(exc):
+        return Refused(
+            f"reports table {table!r} not found (--reports dynamodb://{table}): check the name "
+            "(the stack output ReportsTableName) and the AWS region"
+        )
+    return PublishError(f"reading the reports store: {exc}")
+
+
 def read_agents(store: ReportStore) -> list[dict[str, Any]]:
     try:
         return list(store.agents())
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
 
 
 def read_outcomes(store: ReportStore, version: str) -> list[dict[str, Any]]:
     try:
         return store.version_outcomes(version)
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
 
 
 # ---------------------------------------------------------------- versions
@@ -369,9 +382,7 @@ def halt(
     invalidate: publishing.Invalidate | None = None,
 ) -> Halt:
     """Stop VERSION's rollout: re-sign the live manifest at rollout 0 (module docstring)."""
-    live = publishing.read_current(store).manifest
-    if live is None:
-        raise PublishError(f"no manifest.json in {store.location}: nothing to halt")
+    _, live = resigning.read_live(store, signers, trusted)  # only a verified live release counts
     if not same_version(live.version, version):
         raise PublishError(
             f"the live release in {store.location} is {live.version}, not {version}: "
@@ -379,7 +390,7 @@ def halt(
         )
     if live.rollout.percent == 0:
         return Halt("already_halted", live.version, live.serial)
-    outcome = publishing.resign(
+    outcome = resigning.resign(
         store,
         signers,
         percent=0,
