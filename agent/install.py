@@ -140,9 +140,10 @@ def _drop_cache(fd: int) -> None:
 
 
 def sha256_or_none(path: Path) -> str | None:
+    """The file's hash, or None when there is no readable file there (whatever the path is)."""
     try:
         return sha256_file(path)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except (OSError, ValueError):  # missing, a directory, ENOTDIR, ELOOP, ENAMETOOLONG, a NUL byte
         return None
 
 
@@ -399,10 +400,12 @@ def restore(target: Path, backup: Path | None = None, *, expect_sha256: str | No
         info = os.stat(backup)
     except FileNotFoundError:
         raise RestoreFailed(f"no backup {backup} to restore") from None
+    except OSError as exc:
+        raise RestoreFailed(f"cannot read the backup {backup}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode):
         raise RestoreFailed(f"backup {backup} is not a regular file")
     if expect_sha256 is not None:
-        actual = sha256_file(backup)
+        actual = sha256_or_none(backup)
         if actual != expect_sha256:
             raise RestoreFailed(f"backup {backup} has sha256 {actual}, expected {expect_sha256}")
     try:

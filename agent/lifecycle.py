@@ -15,12 +15,19 @@ The one record that crosses an ``exec`` or a restart between versions is the pen
     {"from_version", "to_version", "from_sha256", "to_sha256", "target", "backup",
      "serial", "boots", "swapped_at", "deadline"}
 
-absent = no update in flight; corrupt = set aside and reported. On start (:func:`resume`) the
-target is hashed to learn where a killed transaction stopped (:func:`plan_start`):
+``deadline`` = ``swapped_at`` + ``UPDATE_COMMIT_DEADLINE`` (default: the health window + 10 min).
+Absent = no update in flight. Corrupt = set aside (``pending.json.corrupt.<time>``) and reported
+(``pending_corrupt``): not JSON, not an object, a field missing or of the wrong type, a hash that
+is not 64 lowercase hex digits, a path that is not absolute or a backup that is not
+``<target>.backup``, an unparsable time, a negative boot count, a serial outside 0 ... 2^53-1, a
+file over 64 KiB, or anything that is not a regular file. No content of that file can make the
+agent fail with a traceback (:func:`read_pending`).
+
+On start (:func:`resume`) the target is hashed to learn where a killed transaction stopped
+(:func:`plan_start`):
 
 - target == ``to_sha256`` (swapped): ``boots`` += 1, durably, first; boots > max -> roll back
-  (``too_many_boots``); now > deadline (= swapped_at + health window + 10 min) -> roll back
-  (``commit_deadline_passed``); else watch.
+  (``too_many_boots``); now > deadline -> roll back (``commit_deadline_passed``); else watch.
 - target == ``from_sha256`` and ``boots`` == 0: killed before the swap -> drop the record, report
   ``failed`` (``interrupted_before_swap``); the next check tries again after the back-off.
 - target == ``from_sha256`` and ``boots`` > 0: killed during a rollback, after the restore ->
@@ -32,11 +39,29 @@ Commit (:func:`watch_verdict`) when the process stayed up ``UPDATE_HEALTH_WINDOW
 start, one manifest check succeeded and (when reporting is configured) one report was delivered;
 past the deadline without that, roll back. A rollback (:func:`rollback`) first remembers the
 bad version in ``state.json``, then restores, then drops the record, so a kill at any point
-finishes it on the next start.
+finishes it on the next start. The run loop commits and rolls back under the single-update lock
+(:func:`update_lock_waiting`), so the watchdog, which takes the same lock before it kills a hung
+agent, never kills one that is finishing its own update.
 
-Bad versions are remembered by (version, sha256) with their reason: a crash
-(:data:`PERMANENT_REASONS`) is never installed again unless a manifest names that version with
-other bytes; ``commit_deadline_passed`` (perhaps only the network) is retried after the back-off.
+Why a version was rolled back decides whether it is tried again. Bad versions are remembered by
+(version, sha256) with their reason:
+
+- a crash (``too_many_boots``, ``died_before_commit``), a hang (``hung``) or an operator's
+  rollback (``manual_rollback``) -- :data:`PERMANENT_REASONS` -- is never installed again unless a
+  manifest names that version with other bytes: these are defects of the build;
+- ``commit_deadline_passed`` is retried after the back-off: the version's loop was alive and
+  rolled itself back because no manifest check or no report got through in time, which may be
+  only the network.
+
+A hang is told apart from a miss by who acts. A live loop judges its own commit at the deadline
+(it wakes for it) and rolls back by itself. One that has not acted by the deadline plus a grace --
+``UPDATE_FETCH_TIMEOUT`` (the longest a live loop may be inside a check) plus
+:data:`HANG_MARGIN` -- is hung: outside systemd the watchdog kills it (TERM, KILL after 10 s),
+restores the backup, starts the old version and reports ``rolled_back`` with ``hung``
+(:mod:`agent.restart`). Under systemd the unit's ``WatchdogSec=`` restarts a loop that stops
+pinging, every restart is a counted boot, and the boot cap rolls it back as ``too_many_boots``:
+remembered for good as well.
+
 :func:`blocked_pairs` (state + ``now``) is the one statement of that rule; ``check`` decides with it.
 Every failed attempt at a (version, sha256) backs off: ``interval * 2**failures``, at most 6 h
 (``state.attempts``), so a fleet never re-downloads a bad binary every interval.
@@ -52,12 +77,15 @@ is :func:`apply_update`, :func:`resume`, :func:`commit` and :func:`rollback`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import resource
+import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from enum import Enum
@@ -68,8 +96,16 @@ from agent import cache, install
 from agent.config import AgentConfig
 from agent.events import EventSink
 from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
-from agent.manifest import Manifest, format_time, parse_time, resolve_url
-from agent.state import AgentState, fsync_dir, set_aside, state_transaction, write_json_atomic
+from agent.manifest import MAX_SERIAL, Manifest, format_time, parse_time, resolve_url
+from agent.state import (
+    AgentState,
+    LockBusy,
+    fsync_dir,
+    set_aside,
+    state_transaction,
+    update_lock,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +121,11 @@ class StrEnum(str, Enum):
 
 
 PENDING_FILE = "pending.json"
-# The commit deadline: the health window plus this grace, counted from the swap (DESIGN section 4).
-DEADLINE_GRACE = timedelta(minutes=10)
+# A pending record is a few hundred bytes; anything this large is not one (and is not read whole).
+MAX_RECORD_BYTES = 64 * 1024
+# Past the commit deadline, a live loop may still be inside a check (UPDATE_FETCH_TIMEOUT); this
+# much more covers a state-lock wait (10 s at most) and a slow disk before a loop counts as hung.
+HANG_MARGIN = 20
 MAX_BACKOFF = 6 * 3600
 # Remembered entries are capped so a host that sees many releases keeps a small state file.
 MAX_BAD_VERSIONS = 64
@@ -100,9 +139,10 @@ INTERRUPTED_BEFORE_SWAP = "interrupted_before_swap"
 TARGET_REPLACED = "target_replaced"
 PENDING_CORRUPT = "pending_corrupt"
 UPDATE_IN_PROGRESS = "update_in_progress"
-# A version that crashed, or that an operator rolled back, is never installed again with the same
-# bytes; one that only missed the commit deadline is retried after the back-off.
-PERMANENT_REASONS = frozenset({TOO_MANY_BOOTS, DIED_BEFORE_COMMIT, MANUAL_ROLLBACK})
+HUNG = "hung"
+# A version that crashed, hung, or that an operator rolled back, is never installed again with the
+# same bytes; one whose live loop only missed the commit deadline is retried after the back-off.
+PERMANENT_REASONS = frozenset({TOO_MANY_BOOTS, DIED_BEFORE_COMMIT, HUNG, MANUAL_ROLLBACK})
 
 
 # ---------------------------------------------------------------- states and transitions
@@ -221,7 +261,8 @@ class Pending:
 
     @classmethod
     def from_dict(cls, obj: object) -> Pending:
-        """Strict: every field present with its type (extra fields are ignored: a newer writer)."""
+        """Strict: every field present with its type and shape (extra fields are ignored: a newer
+        writer). ``ValueError`` naming the first field that is wrong."""
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
         values: dict[str, Any] = {}
@@ -232,10 +273,22 @@ class Pending:
                 raise ValueError(f"field {f.name!r} is missing or not {kind.__name__}")
             values[f.name] = value
         pending = cls(**values)
-        parse_time(pending.swapped_at)
-        parse_time(pending.deadline)
+        for name in ("from_sha256", "to_sha256"):
+            if not _SHA256.fullmatch(getattr(pending, name)):
+                raise ValueError(f"field {name!r} is not 64 lowercase hex digits")
+        if not pending.target.startswith("/") or "\0" in pending.target:
+            raise ValueError("field 'target' is not an absolute path")
+        if pending.backup != str(install.backup_path(Path(pending.target))):
+            raise ValueError("field 'backup' is not the target's .backup")
+        if not 0 <= pending.serial <= MAX_SERIAL:
+            raise ValueError("field 'serial' is out of range")
         if pending.boots < 0:
-            raise ValueError("boots is negative")
+            raise ValueError("field 'boots' is negative")
+        for name in ("swapped_at", "deadline"):
+            try:
+                parse_time(getattr(pending, name))
+            except (ValueError, OverflowError) as exc:
+                raise ValueError(f"field {name!r}: {exc}") from None
         return pending
 
     @property
@@ -243,24 +296,66 @@ class Pending:
         return parse_time(self.deadline)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def pending_path(state_dir: Path) -> Path:
     return state_dir / PENDING_FILE
 
 
-def read_pending(state_dir: Path, *, set_aside_corrupt: bool = True) -> Pending | None:
-    """None if no update is in flight; ``PendingCorrupt`` (after setting the file aside) if unreadable."""
-    path = pending_path(state_dir)
+def read_record(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes | None:
+    """The bytes of a small record file; None if there is none.
+
+    ``ValueError`` if ``path`` is not a regular file (a directory, a FIFO: opened without blocking,
+    a symlink is not followed) or holds more than ``limit`` bytes; ``OSError`` if it cannot be read.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise ValueError("a symbolic link, not a file") from None
+        raise
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ValueError(f"larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_pending(state_dir: Path, *, set_aside_corrupt: bool = True) -> Pending | None:
+    """None if no update is in flight; ``PendingCorrupt`` (after setting the file aside) if unusable.
+
+    Whatever the file holds, the only outcomes are a record, None or ``PendingCorrupt``.
+    """
+    path = pending_path(state_dir)
+    try:
+        data = read_record(path)
+        if data is None:
+            return None
         return Pending.from_dict(json.loads(data))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        message = f"{path} is corrupt ({exc})"
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors; deep nesting is a RecursionError.
+    except (ValueError, RecursionError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, RecursionError):
+            reason = "nested too deeply"
+        message = f"{path} is corrupt ({reason[:200]})"
         if set_aside_corrupt:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 message += f"; set aside as {set_aside(path).name}"
+            except OSError as aside_error:
+                message += f"; could not set it aside: {aside_error.strerror or aside_error}"
         raise PendingCorrupt(message) from None
 
 
@@ -272,6 +367,28 @@ def clear_pending(state_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pending_path(state_dir))
     fsync_dir(state_dir)
+
+
+@contextlib.contextmanager
+def update_lock_waiting(state_dir: Path, timeout: float) -> Iterator[None]:
+    """:func:`agent.state.update_lock`, waiting up to ``timeout`` seconds for a short holder.
+
+    For the steps that end an update (resume, commit, rollback) and the watchdog's kill of a hung
+    agent: each holds the lock for moments, so they wait for each other instead of failing.
+    ``LockBusy`` if it is still held after ``timeout`` (a download by hand holds it for minutes).
+    """
+    held = contextlib.ExitStack()
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            held.enter_context(update_lock(state_dir))
+            break
+        except LockBusy:
+            if time.monotonic() >= end:
+                raise
+            time.sleep(0.05)
+    with held:
+        yield
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -286,8 +403,9 @@ def new_pending(
     target: Path,
     serial: int,
     now: datetime,
-    health_window: int,
+    commit_deadline: int,
 ) -> Pending:
+    """The record of a swap at ``now``; ``commit_deadline`` is ``AgentConfig.commit_deadline_s``."""
     return Pending(
         from_version=from_version,
         to_version=to_version,
@@ -298,7 +416,7 @@ def new_pending(
         serial=serial,
         boots=0,
         swapped_at=format_time(now),
-        deadline=format_time(now + timedelta(seconds=health_window) + DEADLINE_GRACE),
+        deadline=format_time(_ceil_second(now + timedelta(seconds=commit_deadline))),  # never shorter
     )
 
 
@@ -435,8 +553,8 @@ def bad_reason(bad_versions: list[dict[str, Any]], version: str, sha256: str) ->
 def blocked_pairs(state: AgentState, *, now: datetime, ignore_backoff: bool = False) -> set[tuple[str, str]]:
     """The (version, sha256) pairs not to install at ``now`` (DESIGN section 4, bad versions).
 
-    A pair remembered for a permanent reason (a crash, an operator's rollback) is blocked for
-    good. One remembered for another reason (``commit_deadline_passed``: maybe only the network)
+    A pair remembered for a permanent reason (a crash, a hang, an operator's rollback) is blocked
+    for good. One remembered for another reason (``commit_deadline_passed``: maybe only the network)
     is blocked while its attempt backs off (``state.attempts``), then tried again; with
     ``ignore_backoff`` (``update --force``) not at all.
     """
@@ -573,7 +691,7 @@ def apply_update(
             target=target,
             serial=manifest.serial,
             now=now(),
-            health_window=config.health_window,
+            commit_deadline=config.commit_deadline_s,
         )
         write_pending(config.state_dir, pending)  # before the swap: a kill between the two is resumed
         try:

@@ -3,10 +3,19 @@
 On start: take the single-instance run lock (``<state dir>/agent.lock``; a second ``run`` exits
 with ``already_running``), write the pid record (``agent.pid``), then
 :func:`agent.lifecycle.resume` (count this boot if an update is in flight, roll back if the cap
-or the deadline is passed). The first check comes after a random splay of at most
-min(``UPDATE_INTERVAL``, 60 s) -- for a new version on watch, at most the health window too, so
-the splay never delays its commit -- then every ``UPDATE_INTERVAL`` with +-10 % jitter; all of it
-derives from the config only. While watching, the loop also wakes when the health window ends.
+or the deadline is passed) under the update lock. A new version on watch that finds no watchdog
+alive (outside systemd: a host crash killed it, or another supervisor started this process) forks
+one for itself. The first check comes after a random splay of at most min(``UPDATE_INTERVAL``,
+60 s) -- for a new version on watch, at most the health window too, so the splay never delays its
+commit -- then every ``UPDATE_INTERVAL`` with +-10 % jitter; all of it derives from the config
+only. While watching, the loop also wakes when the health window ends and then every second until
+it commits or its commit deadline (``UPDATE_COMMIT_DEADLINE``) rolls it back, and a check that
+failed is retried within :data:`WATCH_RETRY` (not an hour later): the commit waits for one. Commit
+and rollback happen under the update lock, which the watchdog takes before it kills a hung agent.
+
+Under systemd (``Type=notify``, :mod:`agent.sdnotify`): ``READY=1`` once resumed, ``WATCHDOG=1``
+at every turn of the loop, whose waits never exceed a third of ``$WATCHDOG_USEC``; a check and an
+update first stretch the watchdog to their own bounds (fetch and download timeouts).
 
 A check is :func:`agent.check.check` (conditional GET, verify, persist trust state, decide). When
 the decision is ``update`` and no update is in flight or backing off, the transaction
@@ -28,6 +37,7 @@ Logs go to stderr as text or JSON lines (``--log-format`` / ``AVIKA_LOG_FORMAT``
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import json
 import logging
@@ -42,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent import buildinfo, check, environment, install, lifecycle, restart
+from agent import buildinfo, check, environment, install, lifecycle, restart, sdnotify
 from agent.config import AgentConfig, resolve_agent_id
 from agent.decide import NONE, REPORT, UPDATE, Decision
 from agent.events import EventSink, Origin
@@ -65,6 +75,15 @@ SYSTEMD_STOP_WAIT = 60.0
 FLUSH_BEFORE_EXEC = 2.0
 CLOSE_TIMEOUT = 2.0
 CHECK_ERRORS = (ManifestError, DownloadError, environment.UnsupportedPlatform, OSError)
+# While a new version watches, a failed check is retried this soon (its commit waits for one).
+WATCH_RETRY = 30.0
+# Seconds the loop may wait for the update lock to resume an update in flight (others hold it
+# for moments: the watchdog counting a boot or ending a hang, a rollback by hand).
+RESUME_LOCK_WAIT = 30.0
+# Beyond its fetch (or download) deadline, what else a check (or an update) may take: verifying,
+# state writes (a 10 s lock wait at most), the smoke test (10 s), two systemctl calls (30 s each).
+CHECK_MARGIN = 15
+APPLY_MARGIN = 120
 
 
 # ---------------------------------------------------------------- logging
@@ -255,6 +274,7 @@ class Runner:
         # Liveness (DESIGN section 5): a heartbeat after UPDATE_HEARTBEAT_INTERVAL of silence.
         self.heartbeat = Heartbeat(self.sink, config.heartbeat_interval)
         self.heartbeat.last_result = "disabled" if config.updates_disabled else None
+        self.notify = sdnotify.Notifier()
         self.watch: lifecycle.Watch | None = None
         self.stopping = False
         self.reexec = False
@@ -284,6 +304,9 @@ class Runner:
             )
             restart.clear_stopping(config.state_dir)
             self.sink.start()
+            # A hang killed by systemd's watchdog (SIGABRT) leaves every thread's stack in the journal.
+            with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):  # no stderr
+                faulthandler.enable()
             signal.signal(signal.SIGTERM, self._on_term)
             signal.signal(signal.SIGINT, self._on_term)
             signal.signal(signal.SIGHUP, self._on_hup)
@@ -296,21 +319,53 @@ class Runner:
                 config.restart_method,
             )
             self._resume()
+            self.notify.ready(self._status_line())
             self._loop()
             return 0
         finally:
+            if self.stopping:
+                self.notify.stopping()
+            self.notify.close()
             self.sink.close(timeout=CLOSE_TIMEOUT)
             restart.clear_pid_record(config.state_dir)
             os.close(lock_fd)
             log.info("agent stopped")
 
     def _resume(self) -> None:
-        resumed = lifecycle.resume(self.config, self.sink, now=self.clock())
+        config = self.config
+        held = contextlib.ExitStack()
+        if os.path.lexists(lifecycle.pending_path(config.state_dir)):
+            try:
+                held.enter_context(lifecycle.update_lock_waiting(config.state_dir, RESUME_LOCK_WAIT))
+            except LockBusy:
+                log.warning("the update lock stayed busy for %.0fs; resuming without it", RESUME_LOCK_WAIT)
+        with held:
+            resumed = lifecycle.resume(config, self.sink, now=self.clock())
         if resumed.outcome is lifecycle.Resumed.ROLLED_BACK:
             self._restart_restored()
         self.watch = resumed.watch
         if self.watch is None:
             self._tidy()
+        elif restart.needs_watchdog(config) and restart.watchdog_running(config.state_dir) is None:
+            # Nobody supervises this start (a host crash took the watchdog along, or another
+            # supervisor started us): fork one, as the old version would have. This start has
+            # counted itself already, so the watchdog's reference is the count before it.
+            restart.spawn_watchdog(
+                config,
+                self.sink.origin,
+                os.getpid(),
+                restart.Launch.of_self(config.target),
+                boots_at_start=self.watch.pending.boots - 1,
+            )
+
+    def _status_line(self) -> str:
+        if self.watch is None:
+            return f"avika-agent {buildinfo.VERSION} running"
+        pending = self.watch.pending
+        return (
+            f"avika-agent {buildinfo.VERSION} watching the update from {pending.from_version} "
+            f"(commit deadline {pending.deadline})"
+        )
 
     def _tidy(self) -> None:
         """Remove what a killed transaction left next to the target, even if none ever retries."""
@@ -333,6 +388,7 @@ class Runner:
             )
             next_check = time.monotonic() + first_delay(spread, self.rng)
         while not self.stopping:
+            self.notify.ping()  # from the loop itself: a loop that hangs stops pinging
             if self.reexec:
                 self._reexec()
             if self.systemd_deadline is not None:
@@ -345,8 +401,9 @@ class Runner:
                 self._evaluate_watch()
             now = time.monotonic()
             if now >= next_check:
-                self._check_once()
-                next_check = time.monotonic() + next_delay(config.update_interval, self.rng)
+                with self.notify.busy(config.fetch_timeout + CHECK_MARGIN):
+                    self._check_once()
+                next_check = time.monotonic() + self._check_delay()
                 continue
             timeout = next_check - now
             if self.watch is not None:
@@ -355,20 +412,44 @@ class Runner:
             timeout = min(timeout, self.heartbeat.tick())  # sends one if due (agent/heartbeat.py)
             self._sleep(timeout)
 
+    def _check_delay(self) -> float:
+        delay = next_delay(self.config.update_interval, self.rng)
+        if self.watch is not None and not self.watch.fetched:
+            delay = min(delay, WATCH_RETRY * self.rng.uniform(1.0 - JITTER, 1.0 + JITTER))
+        return delay
+
     def _sleep(self, seconds: float) -> None:
-        self.wake.wait(max(0.0, min(seconds, 3600.0)))
+        limit = self.notify.ping_interval or 3600.0
+        self.wake.wait(max(0.0, min(seconds, 3600.0, limit)))
         self.wake.clear()
 
     # -- watch, commit, roll back
 
     def _evaluate_watch(self) -> None:
+        """Commit or roll back when due, under the update lock (busy: look again next turn)."""
+        try:
+            with update_lock(self.config.state_dir):
+                restored = self._judge_watch()
+        except LockBusy:
+            log.debug("update lock busy; judging the watch at the next turn")
+            return
+        if restored:
+            self._restart_restored()
+
+    def _judge_watch(self) -> bool:
+        """True when the old binary was restored (the caller restarts into it)."""
         assert self.watch is not None
         config = self.config
-        current = lifecycle.read_pending(config.state_dir, set_aside_corrupt=False)
+        try:
+            current = lifecycle.read_pending(config.state_dir, set_aside_corrupt=False)
+        except lifecycle.PendingCorrupt as exc:  # written behind our back: the next start sets it aside
+            log.error("%s; not watching any more", exc.message)
+            self.watch = None
+            return False
         if current is None or current.to_sha256 != self.watch.pending.to_sha256:
             log.info("the update to %s was finished elsewhere; not watching", self.watch.pending.to_version)
             self.watch = None
-            return
+            return False
         verdict = lifecycle.watch_verdict(
             now=self.clock(),
             deadline=self.watch.pending.deadline_time,
@@ -380,9 +461,10 @@ class Runner:
         if verdict is lifecycle.Verdict.COMMIT:
             lifecycle.commit(config, self.sink, self.watch)
             self.watch = None
+            self.notify.status(self._status_line())
         elif verdict is lifecycle.Verdict.ROLLBACK:
             pending, self.watch = current, None
-            restored = lifecycle.rollback(
+            return lifecycle.rollback(
                 config,
                 self.sink,
                 pending,
@@ -390,8 +472,7 @@ class Runner:
                 now=self.clock(),
                 from_state=lifecycle.State.WATCHING,
             )
-            if restored:
-                self._restart_restored()
+        return False
 
     def _restart_restored(self) -> None:
         """The target is the old binary again: become it (or have systemd restart a sidecar)."""
@@ -461,7 +542,8 @@ class Runner:
             log.info("update to %s backs off until %s", result.manifest.version, until.isoformat())
             return
         try:
-            apply_locked(self.config, result, decision, sink=self.sink, restart_with=self._restart_new)
+            with self.notify.busy(self.config.download_timeout + APPLY_MARGIN):
+                apply_locked(self.config, result, decision, sink=self.sink, restart_with=self._restart_new)
         except (LockBusy, lifecycle.UpdateInProgress) as exc:
             log.warning("update_in_progress: %s", exc)
         except lifecycle.UpdateFailed as exc:

@@ -14,8 +14,10 @@ The set-up (everything in one temporary directory, removed at the end unless ``-
 - ``tests.faultproxy.FaultProxy`` sits between the agent and that server for everything: the
   manifest, the binaries and the reports (the manifest's ``reports_url`` points at the proxy);
 - ONE host (``tests.agent_harness.Host``): a target binary in its own directory, a state dir,
-  ``UPDATE_INTERVAL=1s``, ``UPDATE_HEALTH_WINDOW=1s``, ``UPDATE_MAX_BOOT_ATTEMPTS=3``, restart by
-  ``exec`` outside systemd (so the watchdog supervises each health window). The binaries are the
+  ``UPDATE_INTERVAL=1s``, ``UPDATE_HEALTH_WINDOW=1s``, ``UPDATE_MAX_BOOT_ATTEMPTS=3``,
+  ``UPDATE_COMMIT_DEADLINE=30s`` (a healthy build commits within seconds, faults and kills
+  included), ``UPDATE_FETCH_TIMEOUT=2s``, restart by ``exec`` outside systemd (so the watchdog
+  supervises each health window and ends hangs). The binaries are the
   development launchers of ``tests.agent_harness.dev_binary`` (real processes that exec), padded
   with 1-128 KiB of random comment so every build has its own size and bytes.
 
@@ -24,7 +26,8 @@ Each cycle:
 1. publishes a new release ``1.0.<cycle>`` (versions only go up), or a signed downgrade to an
    older version this host committed before. The build is, by weight: ``ok`` (most), ``crash``
    (exits 1 before any agent code runs), ``segfault``, ``die_after_boot`` (counts its boot,
-   dies 0.5 s later) or ``smoke_fail`` (``version`` prints the wrong version);
+   dies 0.5 s later), ``hung`` (counts its boot, then its loop hangs in its first check: alive,
+   never commits, deaf to SIGTERM) or ``smoke_fail`` (``version`` prints the wrong version);
 2. injects 0-2 random faults into the proxy, each for one or two requests: on the binary
    (truncated, reset, corrupt byte, mix-and-match, 5xx, short stall, lying Content-Length), on
    the manifest (replayed older signed manifest, 5xx, short stall, reset, 304 without ETag) or on
@@ -34,8 +37,10 @@ Each cycle:
    moment or right after a chosen state appears in its log (downloading, verifying, staged,
    restarting, watching, committed, rolled_back), then restarts it with the same command;
 4. waits until the host has converged on what that build must end as: ``ok`` and downgrades
-   installed and committed; ``crash``/``segfault``/``die_after_boot`` rolled back and
-   remembered as bad; ``smoke_fail`` refused, nothing swapped;
+   installed and committed; ``crash``/``segfault``/``die_after_boot``/``hung`` rolled back and
+   remembered as bad for good (``too_many_boots``, ``died_before_commit``, ``hung``: a
+   ``commit_deadline_passed`` on the way, e.g. after a host crash past the deadline, is retried
+   and must end as one of those); ``smoke_fail`` refused, nothing swapped;
 5. checks every invariant below and goes on from where the host is.
 
 What a kill means (the host runs outside systemd, restart method ``exec``):
@@ -126,6 +131,11 @@ SECRET = "soak-fleet-secret-0123456789abcdef"
 DEFAULT_CYCLES = 200
 LONG_CYCLES = 1000
 CYCLE_TIMEOUT = 90.0  # one cycle that has not converged by then is a violation
+# A hang is ended at the commit deadline + UPDATE_FETCH_TIMEOUT + 20 s, then SIGTERM, SIGKILL 10 s
+# later; a host crash past the deadline makes that twice (commit_deadline_passed, retry, hung).
+HUNG_CYCLE_TIMEOUT = 240.0
+COMMIT_DEADLINE = "30s"
+FETCH_TIMEOUT = "2s"
 SLOW_CYCLE = 20.0  # listed in the summary: fault back-offs add seconds, not tens of them
 DRAIN_TIMEOUT = 30.0  # reports acknowledged after convergence (report back-off is 2 s doubling)
 SAMPLE_EVERY = 0.02
@@ -143,9 +153,19 @@ KINDS = {  # kind: (weight, expected outcome)
     "crash": (8, ROLLBACK),
     "segfault": (4, ROLLBACK),
     "die_after_boot": (8, ROLLBACK),
+    "hung": (3, ROLLBACK),
     "smoke_fail": (8, REFUSE),
 }
-BAD_REASONS = ("too_many_boots", "died_before_commit")
+# The dev_binary variant each kind is built as ("ok" for ok and downgrade).
+VARIANTS = {
+    "crash": "crash",
+    "segfault": "segfault",
+    "die_after_boot": "die_after_boot",
+    "hung": "hang_after_boot",
+    "smoke_fail": "smoke_fail",
+}
+# What a rolled-back build must end remembered as: for good (a retry would download it again).
+PERMANENT_REASONS = ("too_many_boots", "died_before_commit", "hung")
 KILL_STATES = ("downloading", "verifying", "staged", "restarting", "watching", "committed", "rolled_back")
 LIFECYCLE = ("update_available", *KILL_STATES, "failed")
 
@@ -363,6 +383,7 @@ class Soak:
         self.agent_id = self.host.env()["AGENT_ID"]
         self.host.env_extra.update(UPDATE_REPORT_TOKEN=make_token(SECRET, self.agent_id))
         self.host.env_extra["UPDATE_REPORT_URL"] = None  # type: ignore[assignment]  # the manifest's
+        self.host.env_extra.update(UPDATE_COMMIT_DEADLINE=COMMIT_DEADLINE, UPDATE_FETCH_TIMEOUT=FETCH_TIMEOUT)
         self._stack.callback(self.host.kill_all)
         self.tail = LogTail(self.host.log_path)
         self.sampler = TargetSampler(
@@ -391,7 +412,7 @@ class Soak:
     # -- builds and releases
 
     def build(self, version: str, kind: str) -> Build:
-        variant = kind if kind in ("crash", "segfault", "die_after_boot", "smoke_fail") else "ok"
+        variant = VARIANTS.get(kind, "ok")
         path = self.work / "builds" / f"{version}-{kind}" / f"avika-agent-{PLATFORM}"
         data = dev_binary(path, version, self.keys, variant)
         pad = self.rng.randint(1024, PAD_MAX)
@@ -567,6 +588,7 @@ class Soak:
             "crash": ("downloading", "staged", "restarting", "rolled_back"),
             "segfault": ("downloading", "staged", "restarting", "rolled_back"),
             "die_after_boot": ("downloading", "staged", "restarting", "watching", "rolled_back"),
+            "hung": ("downloading", "staged", "restarting", "watching", "rolled_back"),
             "smoke_fail": ("downloading", "verifying"),
         }[self._current_kind]
         state = self.rng.choice(choices)
@@ -690,7 +712,7 @@ class Soak:
         if sha != prev.sha or running != prev.version:
             return None
         if expect == ROLLBACK:
-            return "done" if (new.version, new.sha) in self.bad_pairs() else None
+            return "done" if self.bad_pairs().get((new.version, new.sha)) in PERMANENT_REASONS else None
         entry = (self.host.state().get("attempts") or {}).get(f"{new.version}/{new.sha}") or {}
         return "done" if entry.get("last_error") == "smoke_test_failed" else None
 
@@ -727,7 +749,8 @@ class Soak:
         rules = self.inject_faults()
         for kill_kind, trigger, value in self.plan_kills():
             self.run_kill(kill_kind, trigger, value, expect)
-        result = self.supervise(lambda: self.converged(expect, prev, new), CYCLE_TIMEOUT)
+        timeout = HUNG_CYCLE_TIMEOUT if kind == "hung" else CYCLE_TIMEOUT
+        result = self.supervise(lambda: self.converged(expect, prev, new), timeout)
         converged_at = time.monotonic() - started
         for name, rule in rules:
             if rule.applied:
@@ -738,7 +761,7 @@ class Soak:
         if result is None:
             self.violation(
                 "no convergence",
-                f"{new.label()} expected {expect} within {CYCLE_TIMEOUT:.0f}s; {self.describe()}",
+                f"{new.label()} expected {expect} within {timeout:.0f}s; {self.describe()}",
             )
             self.recover()
         elif result == "wrong":

@@ -2,7 +2,8 @@
 
 `LocalServer` is a `ThreadingHTTPServer` in a thread serving scripted `Route`s: ETag / 304, Range /
 206, redirects, error statuses, connections dropped mid-body, bodies that never end. It records
-every request, so a test can assert what the agent asked for (or that it asked nothing).
+every request, so a test can assert what the agent asked for (or that it asked nothing). A POST
+(a report) is answered with the route's status and body, its request body read and recorded.
 
 `Release` builds a manifest with `agent.manifest.Manifest` and signs it with `LocalSigner` +
 `sign_envelope`: the publisher's own path, no hand-written JSON unless a test wants bad JSON.
@@ -48,6 +49,8 @@ class Route:
 class Seen:
     path: str
     headers: dict[str, str]
+    method: str = "GET"
+    body: bytes = b""
 
 
 class LocalServer:
@@ -134,6 +137,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(status, payload if drop is None else payload[:drop], extra, length)
         if drop is not None:
             self.close_connection = True
+
+    def do_POST(self) -> None:
+        owner: LocalServer = self.server.owner  # type: ignore[attr-defined]
+        path = urlsplit(self.path).path
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        length = int(headers.get("content-length") or 0)
+        body = self.rfile.read(length) if 0 < length <= 1 << 20 else b""
+        with owner._lock:
+            owner.requests.append(Seen(path, headers, "POST", body))
+            route = owner.routes.get(path)
+        if route is None:
+            return self._answer(404, b"not found\n")
+        self._answer(route.status, route.body, dict(route.headers))
 
     def _answer(
         self,

@@ -4,9 +4,12 @@
   (shebang: this venv's python) that sets ``agent.buildinfo.VERSION`` / ``PUBLIC_KEYS`` and calls
   ``agent.cli.main``. Variants misbehave the ways a bad release does: ``crash`` (exits 1 at start,
   before any agent code runs), ``segfault`` (SIGSEGV at start), ``smoke_fail`` (``version`` prints
-  the wrong version), ``die_after_boot`` (runs our code, counts its boot, dies 0.5 s later). Every
-  variant answers ``version`` correctly except ``smoke_fail``, so a crashing release passes the
-  smoke test, as a real one that fails only under ``run`` would.
+  the wrong version), ``die_after_boot`` (runs our code, counts its boot, dies 0.5 s later),
+  ``hang_after_boot`` (runs our code, counts its boot, then its first check never returns, as a
+  fetch without a deadline or a deadlock would: alive, never commits, deaf to SIGTERM since its
+  loop never gets back to look). Every variant answers ``version`` correctly except
+  ``smoke_fail``, so a bad release passes the smoke test, as a real one that fails only under
+  ``run`` would.
 - :class:`Site` publishes signed releases in the store layout (DESIGN section 2) on a
   :class:`tests.agent_fixtures.LocalServer` (127.0.0.1, port 0), which records every request and
   can drop, corrupt or fail a download.
@@ -41,7 +44,7 @@ from tests.agent_fixtures import LocalServer, Route, sha256
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 PLATFORM = environment.platform_key()
-VARIANTS = ("ok", "crash", "segfault", "smoke_fail", "die_after_boot")
+VARIANTS = ("ok", "crash", "segfault", "smoke_fail", "die_after_boot", "hang_after_boot")
 # The states a successful VM update goes through, in order (DESIGN section 4).
 COMMITTED_CHAIN = [
     "update_available",
@@ -75,6 +78,11 @@ _MISBEHAVE = {
 _LATE = {
     "die_after_boot": (
         "import threading\nif 'run' in sys.argv: threading.Timer(0.5, lambda: os._exit(1)).start()"
+    ),
+    # The run loop's first check blocks for good (after resume counted the boot and reported watching).
+    "hang_after_boot": (
+        "import threading\nfrom agent import check as _check\n"
+        "if 'run' in sys.argv: _check.check = lambda *a, **k: threading.Event().wait()"
     ),
 }
 

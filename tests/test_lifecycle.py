@@ -2,13 +2,14 @@
 
 Rules enforced here:
 - every move is a row of the transition table; anything else is our bug (RuntimeError);
-- the pending record has exactly the contract's fields, is written atomically, a corrupt one is
-  set aside and reported;
+- the pending record has exactly the contract's fields, its deadline is the swap plus
+  ``UPDATE_COMMIT_DEADLINE``, it is written atomically; a corrupt or mistyped one (any bytes at
+  all: property-tested, also through ``resume``) is set aside and reported, never a traceback;
 - on start the target's hash says where a killed update stopped; boots count durably first; the
   boot cap and the commit deadline roll back;
 - commit needs the health window, a successful check and (if configured) a delivered report;
-- crashes are remembered for good by (version, sha256), a missed deadline only backs off: one
-  rule, ``blocked_pairs(state, now=...)``, used by ``check`` (so ``update`` and ``run`` too);
+- crashes and hangs are remembered for good by (version, sha256), a missed deadline only backs
+  off: one rule, ``blocked_pairs(state, now=...)``, used by ``check`` (so ``update`` and ``run`` too);
 - failed attempts back off interval * 2**n, capped at 6 h.
 
 The I/O functions (resume, rollback, commit, apply_update) run here on real files in tmp_path
@@ -24,6 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import events, install, lifecycle
 from agent.config import AgentConfig
@@ -59,7 +62,7 @@ def pending(**changes: object) -> Pending:
         target=Path("/opt/avika/avika-agent"),
         serial=7,
         now=NOW,
-        health_window=60,
+        commit_deadline=660,  # the default: health window 60 s + 10 min
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
@@ -126,8 +129,8 @@ def test_a_move_missing_from_the_table_is_a_bug_not_a_state():
         lifecycle.next_state(State.STAGED, Event.ROLLBACK)  # nothing swapped: nothing to roll back
 
 
-def test_the_states_reported_are_the_state_machine_s():
-    assert set(events.STATES) == {s.value for s in State}
+def test_the_states_reported_are_the_state_machine_s_and_heartbeat():
+    assert set(events.STATES) == {s.value for s in State} | {"heartbeat"}  # liveness, not a lifecycle state
 
 
 def test_every_state_is_reachable_from_checking():
@@ -156,6 +159,22 @@ def test_pending_record_has_exactly_the_contract_fields(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pending.json"]  # no temp file left
 
 
+def test_the_deadline_is_the_swap_plus_the_configured_commit_deadline():
+    config = AgentConfig(health_window=30, commit_deadline=45)
+    record = lifecycle.new_pending(
+        from_version="1.0.0",
+        to_version="1.1.0",
+        from_sha256=sha256(OLD),
+        to_sha256=sha256(NEW),
+        target=Path("/opt/avika/avika-agent"),
+        serial=7,
+        now=NOW + timedelta(microseconds=1),  # rounded up: a deadline is never shorter than asked
+        commit_deadline=config.commit_deadline_s,
+    )
+    assert record.deadline == "2026-02-15T20:00:46Z"
+    assert AgentConfig(health_window=30).commit_deadline_s == 630  # default: window + 10 min
+
+
 def test_no_pending_record_means_no_update_in_flight(tmp_path):
     assert lifecycle.read_pending(tmp_path) is None
 
@@ -170,8 +189,34 @@ def test_no_pending_record_means_no_update_in_flight(tmp_path):
         json.dumps({**pending().to_dict(), "boots": True}).encode(),
         json.dumps({**pending().to_dict(), "deadline": "tomorrow"}).encode(),
         b"\xff\xfe",
+        json.dumps({**pending().to_dict(), "boots": -1}).encode(),
+        json.dumps({**pending().to_dict(), "serial": 2**53}).encode(),
+        json.dumps({**pending().to_dict(), "to_sha256": "A" * 64}).encode(),
+        json.dumps({**pending().to_dict(), "target": "relative/avika-agent"}).encode(),
+        json.dumps({**pending().to_dict(), "target": "/opt/avika/\u0000agent"}).encode(),
+        json.dumps({**pending().to_dict(), "backup": "/etc/passwd"}).encode(),
+        json.dumps({**pending().to_dict(), "deadline": "0000-01-01T00:00:00Z"}).encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"boots": 1' + b" " * (70 * 1024) + b"}",
     ],
-    ids=["not-json", "not-object", "missing-fields", "boots-string", "boots-bool", "bad-time", "not-utf8"],
+    ids=[
+        "not-json",
+        "not-object",
+        "missing-fields",
+        "boots-string",
+        "boots-bool",
+        "bad-time",
+        "not-utf8",
+        "boots-negative",
+        "serial-too-large",
+        "hash-upper-case",
+        "target-relative",
+        "target-nul",
+        "backup-elsewhere",
+        "year-zero",
+        "nested-too-deeply",
+        "too-large",
+    ],
 )
 def test_a_corrupt_pending_record_is_set_aside_and_reported(tmp_path, content):
     (tmp_path / "pending.json").write_bytes(content)
@@ -181,6 +226,61 @@ def test_a_corrupt_pending_record_is_set_aside_and_reported(tmp_path, content):
     assert not (tmp_path / "pending.json").exists()
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("pending.json.corrupt.")]
     assert len(aside) == 1 and aside[0].read_bytes() == content
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_a_pending_record_that_is_not_a_regular_file_is_set_aside(tmp_path, kind):
+    path = tmp_path / "pending.json"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # opened without blocking: never waits for a writer
+    else:
+        (tmp_path / "elsewhere.json").write_text(json.dumps(pending().to_dict()))
+        path.symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(lifecycle.PendingCorrupt) as caught:
+        lifecycle.read_pending(tmp_path)
+    assert "set aside as pending.json.corrupt." in caught.value.message
+    assert not os.path.lexists(path)
+
+
+PENDING_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _mutated_record() -> st.SearchStrategy[dict[str, object]]:
+    """The contract's fields, each either kept or replaced by a value of any JSON type."""
+    base = pending().to_dict()
+    return st.fixed_dictionaries(
+        {k: st.one_of(st.just(v), PENDING_JSON_VALUES) for k, v in base.items()},
+        optional={"extra": PENDING_JSON_VALUES},
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=512) | _mutated_record().map(lambda r: json.dumps(r).encode()))
+def test_any_pending_json_is_a_record_or_set_aside_through_resume(tmp_path_factory, content):
+    """Random bytes or wrong-typed fields: resume either handles a valid record (whatever it then
+    decides) or sets the file aside, reports pending_corrupt and goes on; never a traceback."""
+    config, _ = swapped_host(tmp_path_factory.mktemp("p"))
+    lifecycle.pending_path(config.state_dir).write_bytes(content)
+    sink = RecordingSink()
+    result = lifecycle.resume(config, sink, now=NOW)
+    aside = [p.name for p in config.state_dir.iterdir() if p.name.startswith("pending.json.corrupt.")]
+    try:
+        valid = Pending.from_dict(json.loads(content))
+    except (ValueError, RecursionError):
+        valid = None
+    if valid is None:
+        assert len(aside) == 1 and result.outcome is lifecycle.Resumed.DROPPED
+        assert sink.events[-1]["error"].startswith("pending_corrupt")
+        assert load_state(config.state_dir).last_error["code"] == "pending_corrupt"
+        assert config.target.read_bytes() == NEW  # nothing touched on a record it cannot read
+    else:
+        assert aside == [] and result.outcome in set(lifecycle.Resumed)
 
 
 def test_a_newer_writer_may_add_fields(tmp_path):
@@ -289,11 +389,12 @@ def test_attempts_kept_are_capped():
     [
         ("too_many_boots", True),
         ("died_before_commit", True),
+        ("hung", True),
         ("manual_rollback", True),
         ("commit_deadline_passed", False),
     ],
 )
-def test_crashes_are_blocked_for_good_a_missed_deadline_is_not(reason, blocked):
+def test_crashes_and_hangs_are_blocked_for_good_a_missed_deadline_is_not(reason, blocked):
     state = AgentState(bad_versions=lifecycle.remember_bad([], "1.1.0", "a" * 64, reason, now=NOW))
     later = NOW + timedelta(days=365)
     assert (("1.1.0", "a" * 64) in lifecycle.blocked_pairs(state, now=later)) is blocked
@@ -316,6 +417,7 @@ BLOCKED_AT = [
     ("crash-at-once", "too_many_boots", 1, 0, False, True),
     ("crash-a-year-later", "too_many_boots", 1, 365 * 86400, False, True),
     ("crash-forced", "died_before_commit", 1, 0, True, True),
+    ("hung-forced", "hung", 1, 0, True, True),
     ("manual-forced", "manual_rollback", 1, 0, True, True),
     ("deadline-backing-off", "commit_deadline_passed", 1, 119, False, True),
     ("deadline-backoff-over", "commit_deadline_passed", 1, 120, False, False),
@@ -341,6 +443,12 @@ def test_a_missed_deadline_whose_attempt_record_is_gone_is_not_blocked():
     state = _rolled_back("commit_deadline_passed")
     state.attempts = {}  # attempts are capped; the back-off is the only thing that held it
     assert lifecycle.blocked_pairs(state, now=NOW) == set()
+
+
+def test_a_hang_is_not_downgraded_to_a_retriable_reason():
+    bad = lifecycle.remember_bad([], "1.1.0", "a" * 64, "hung", now=NOW)
+    bad = lifecycle.remember_bad(bad, "1.1.0", "a" * 64, "commit_deadline_passed", now=NOW)
+    assert [b["reason"] for b in bad] == ["hung"]
 
 
 def test_a_crash_is_not_downgraded_to_a_retriable_reason():

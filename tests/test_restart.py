@@ -2,7 +2,12 @@
 
 - ``systemd``: a recording ``systemctl`` stand-in first on PATH proves the calls (``reset-failed``,
   then ``restart UNIT``); one stand-in also behaves like systemd (SIGTERM the agent, start the
-  target again) so the whole systemd path runs. The unit files pass ``systemd-analyze verify``.
+  target again) so the whole systemd path runs. The unit files pass ``systemd-analyze verify``;
+  the agent unit is ``Type=notify`` with ``WatchdogSec=``.
+- the notify protocol: a real ``avika-agent run`` under a ``$NOTIFY_SOCKET`` the test binds (an
+  abstract ``@name`` and a path; ``SO_PASSCRED`` tells which process sent what) sends ``READY=1``,
+  then ``WATCHDOG=1`` again and again with a small ``$WATCHDOG_USEC``; one whose loop hangs stops
+  pinging; the update under the systemd stand-in is announced by both processes.
 - ``signal``: the agent re-execs on SIGHUP (same PID); ``update`` by hand signals the running agent
   or leaves the new binary for the next start.
 - the watchdog: restarts an agent killed before commit and counts each start exactly once, rolls
@@ -19,14 +24,21 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import textwrap
+import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from agent import restart
+from agent import restart, sdnotify
+from agent.config import AgentConfig
+from agent.events import Origin
 from tests.agent_harness import Host, alive, dev_binary, keys_of, site, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,9 +103,172 @@ def test_systemd_restart_failure_is_a_named_error(tmp_path, monkeypatch):
         restart.systemd_restart("avika-agent")
 
 
+# ---------------------------------------------------------------- the notify socket
+
+
+@dataclass
+class Notification:
+    pid: int
+    lines: list[str]
+    at: float
+
+
+@dataclass
+class NotifySocket:
+    """A datagram socket standing in for systemd's: records each message with its sender's pid."""
+
+    name: str  # $NOTIFY_SOCKET: "@abstract" or a path
+    sock: socket.socket
+    got: list[Notification] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def bind(cls, path: Path | None = None) -> NotifySocket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if path is None:
+            name = f"@avika-test-{uuid.uuid4().hex}"
+            sock.bind("\0" + name[1:])
+        else:
+            name = str(path)
+            sock.bind(name)
+        sock.settimeout(0.1)
+        found = cls(name, sock)
+        threading.Thread(target=found._receive, daemon=True).start()
+        return found
+
+    def _receive(self) -> None:
+        creds = struct.calcsize("3i")
+        while not self.stop.is_set():
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = next(
+                (
+                    struct.unpack("3i", cdata[:creds])[0]
+                    for level, kind, cdata in ancdata
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                ),
+                -1,
+            )
+            self.got.append(Notification(pid, data.decode().split("\n"), time.monotonic()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def from_pid(self, pid: int) -> list[Notification]:
+        return [n for n in self.got if n.pid == pid]
+
+    @staticmethod
+    def pings(notes: list[Notification]) -> list[Notification]:
+        return [n for n in notes if "WATCHDOG=1" in n.lines]
+
+
+def systemd_env(notify: NotifySocket, usec: int) -> dict[str, str]:
+    """What systemd sets for a Type=notify unit with WatchdogSec= (no WATCHDOG_PID: exec keeps it)."""
+    return {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": str(usec), "INVOCATION_ID": uuid.uuid4().hex}
+
+
+@pytest.mark.parametrize("where", ["abstract", "path"])
+def test_a_real_agent_sends_ready_then_keeps_pinging_the_watchdog(tmp_path, where):
+    notify = NotifySocket.bind(None if where == "abstract" else tmp_path / "notify.sock")
+    try:
+        with site() as s:
+            host = Host(tmp_path / "h", s.url, {"UPDATE_INTERVAL": "1h"})  # the loop mostly waits
+            host.install("1.0.0", keys_of(s.signer))
+            s.release("1.0.0", host.target.read_bytes())
+            proc = host.start(**systemd_env(notify, 300_000))  # ping at least every 0.15 s
+            try:
+                wait_for(lambda: len(NotifySocket.pings(notify.from_pid(proc.pid))) >= 12, 30, "pings")
+                mine = notify.from_pid(proc.pid)
+                assert mine[0].lines[0] == "READY=1", mine[0]
+                assert "WATCHDOG_USEC=300000" in mine[0].lines  # the unit's own value, put back
+                assert any(line.startswith("STATUS=avika-agent 1.0.0") for line in mine[0].lines)
+                assert all(n.pid == proc.pid for n in notify.got)  # nothing from anyone else
+                assert "watchdog pid" not in host.log_text()  # systemd is the watchdog here
+                os.kill(proc.pid, signal.SIGTERM)
+                assert proc.wait(timeout=15) == 0
+                assert notify.from_pid(proc.pid)[-1].lines == ["STOPPING=1"]
+            finally:
+                host.kill_all()
+    finally:
+        notify.close()
+
+
+def test_a_hung_loop_stops_pinging(tmp_path):
+    """The pings come from the loop itself: once it hangs (inside a check, stretched to the fetch
+    deadline + margin) none come any more, so systemd would kill and restart it."""
+    notify = NotifySocket.bind()
+    try:
+        with site() as s:
+            host = Host(tmp_path / "h", s.url, {"UPDATE_FETCH_TIMEOUT": "1s"})
+            host.install("1.0.0", keys_of(s.signer), variant="hang_after_boot")
+            proc = host.start(**systemd_env(notify, 200_000))
+            try:
+                stretched = wait_for(
+                    lambda: next(
+                        (n for n in notify.from_pid(proc.pid) if "WATCHDOG_USEC=16000000" in n.lines), None
+                    ),
+                    30,
+                    "the check to stretch the watchdog to its own bound (1 s + 15 s)",
+                )
+                assert notify.from_pid(proc.pid)[0].lines[0] == "READY=1"
+                time.sleep(2.0)  # 30 of the unit's ping intervals
+                after = [n for n in notify.from_pid(proc.pid) if n.at > stretched.at]
+                assert after == [], [n.lines for n in after]
+                assert alive(proc.pid)
+            finally:
+                host.kill_all()
+    finally:
+        notify.close()
+
+
+def test_notifier_sends_nothing_without_a_socket_or_for_another_pid(tmp_path):
+    assert not sdnotify.Notifier({}).enabled
+    assert sdnotify.Notifier({"NOTIFY_SOCKET": "vsock:2:1234"}).address is None
+    notify = NotifySocket.bind()
+    try:
+        env = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
+        other = sdnotify.Notifier(env)  # the watchdog is meant for pid 1, not for us
+        assert other.enabled and other.ping_interval is None
+        other.ping()
+        other.send("STATUS=still reaches systemd")
+        ours = sdnotify.Notifier({**env, "WATCHDOG_PID": str(os.getpid())})
+        assert ours.ping_interval == pytest.approx(1 / 3)
+        ours.ping()
+        wait_for(lambda: len(notify.got) == 2, 5, "two notifications")
+        assert [n.lines for n in notify.got] == [["STATUS=still reaches systemd"], ["WATCHDOG=1"]]
+    finally:
+        notify.close()
+
+
+def test_a_long_step_stretches_the_watchdog_and_puts_it_back(tmp_path):
+    notify = NotifySocket.bind()
+    try:
+        notifier = sdnotify.Notifier({"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "120000000"})
+        # 60 s is shorter than the unit's: nothing to say; 1815 s stretches; 200 s inside it does not.
+        with notifier.busy(60), notifier.busy(1815), notifier.busy(200):
+            pass
+        wait_for(lambda: len(notify.got) == 2, 5, "two notifications")
+        assert [n.lines for n in notify.got] == [
+            ["WATCHDOG_USEC=1815000000", "WATCHDOG=1"],
+            ["WATCHDOG_USEC=120000000", "WATCHDOG=1"],
+        ]
+        unreachable = sdnotify.Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+        assert unreachable.send("READY=1") is False  # logged once, never raised
+    finally:
+        notify.close()
+
+
 def test_systemd_method_end_to_end_with_a_systemd_stand_in(tmp_path):
     """The agent swaps, asks systemctl (reset-failed, restart); "systemd" stops it with SIGTERM and
-    starts the target again, which counts its boot and commits. No watchdog under this method."""
+    starts the target again, which counts its boot and commits. No watchdog under this method;
+    both processes say READY=1 on the notify socket, the old one STOPPING=1."""
+    notify = NotifySocket.bind()
     with site() as s:
         host = Host(tmp_path / "h", s.url)
         keys = keys_of(s.signer)
@@ -101,7 +276,11 @@ def test_systemd_method_end_to_end_with_a_systemd_stand_in(tmp_path):
         new = dev_binary(tmp_path / "rel" / "new", "1.1.0", keys)
         record = tmp_path / "calls"
         recording_systemctl(tmp_path / "sbin", record, act=True, host=host)
-        host.env_extra.update(UPDATE_RESTART_METHOD="systemd", PATH=path_with(tmp_path / "sbin"))
+        host.env_extra.update(
+            UPDATE_RESTART_METHOD="systemd",
+            PATH=path_with(tmp_path / "sbin"),
+            **systemd_env(notify, 2_000_000),
+        )
         s.release("1.1.0", new)
         first = host.start()
         try:
@@ -116,17 +295,26 @@ def test_systemd_method_end_to_end_with_a_systemd_stand_in(tmp_path):
             assert stopped[0]["pid"] == first.pid
             assert "watchdog pid" not in host.log_text()
             assert host.chain("1.1.0")[-2:] == ["watching", "committed"]
+            second = host.agent_record()["pid"]
+            old_notes, new_notes = notify.from_pid(first.pid), notify.from_pid(second)
+            assert old_notes[0].lines[0] == "READY=1" and old_notes[-1].lines == ["STOPPING=1"]
+            assert new_notes[0].lines[0] == "READY=1"
+            assert any("watching the update from 1.0.0" in line for line in new_notes[0].lines)
         finally:
             host.kill_all()
+            notify.close()
 
 
 def unit_text(name: str) -> str:
     return (UNITS / name).read_text()
 
 
-def test_unit_pair_declares_start_limits_and_the_rollback_unit():
+def test_unit_pair_declares_start_limits_the_watchdog_and_the_rollback_unit():
     agent = unit_text("avika-agent.service")
     for line in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=2min",
         "MemoryMax=64M",
         "Restart=on-failure",
         "OnFailure=avika-agent-rollback.service",
@@ -339,6 +527,62 @@ def test_watchdog_holds_no_inherited_descriptor(tmp_path):
             assert int(restart_ppid(watchdog)) != agent  # never the agent's child
         finally:
             host.kill_all()
+
+
+def test_the_watchdog_holds_no_inherited_lock_once_spawn_returns(tmp_path):
+    """The caller execs right after ``spawn_watchdog``: by then the watchdog must have let go of
+    every descriptor it inherited. It used to report its pid before closing them, so the exec'd
+    new version could find its own run lock held by the half-started watchdog, exit with
+    ``already_running`` and lose a boot."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = AgentConfig(state_dir=state_dir, target=tmp_path / "avika-agent")
+    agent = subprocess.Popen(["sleep", "60"])
+    held = os.open(tmp_path / "agent.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        for _ in range(10):
+            launch = restart.Launch(str(config.target), ("run",))
+            watchdog = restart.spawn_watchdog(
+                config, Origin("h", "1.0.0", "vm", None), agent.pid, launch, boots_at_start=0
+            )
+            assert watchdog is not None
+            try:
+                fds = {os.readlink(fd) for fd in Path(f"/proc/{watchdog}/fd").glob("*") if int(fd.name) > 2}
+            except FileNotFoundError:
+                fds = set()  # it saw no update pending and is gone already: holding nothing either
+            assert not any("agent.lock" in fd for fd in fds), fds
+            wait_for(lambda watchdog=watchdog: not alive(watchdog), 10, "the watchdog to stand down")
+    finally:
+        os.close(held)
+        agent.kill()
+        agent.wait()
+
+
+def test_a_watchdog_whose_agent_stopped_listening_still_supervises(tmp_path):
+    """The soak killed an agent right after it forked its watchdog: the watchdog's report of its
+    pid hit a closed pipe (EPIPE) and it died, leaving the update unsupervised. It must go on."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    config = AgentConfig(state_dir=state_dir, target=tmp_path / "avika-agent")
+    agent = subprocess.Popen(["sleep", "60"])
+    spec = restart.WatchdogSpec(
+        config, Origin("h", "1.0.0", "vm", None), agent.pid, restart.Launch(str(config.target), ("run",)), 0
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody listens any more
+    child = os.fork()
+    if child == 0:
+        restart._watchdog_main(spec, None, None, write_end)  # never returns
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(child, 0)
+        # It got past the report and ran its loop: no update pending, so it stood down cleanly.
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not (state_dir / "watchdog.pid").exists()
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 def children_of(pid: int) -> dict[int, str]:

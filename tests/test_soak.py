@@ -69,6 +69,21 @@ def test_eight_cycles_with_faults_and_kills_hold_every_invariant(tmp_path: Path)
     assert figures["commits"] > 0 and figures["events"] > 0, figures
 
 
+def test_a_hung_release_cycle_ends_remembered_for_good_and_holds_every_invariant(tmp_path: Path) -> None:
+    """The soak's "hung" kind: the build boots, then its loop hangs; the cycle converges only when
+    the watchdog has rolled it back and the host remembers it for good."""
+    soak_module = load_soak()
+    out = soak_module.Report()
+    with soak_module.Soak(tmp_path / "work", SEED, out) as soak:
+        soak.setup()
+        soak.pick_kind = lambda: "hung"  # type: ignore[method-assign]
+        soak.run_cycle(1)
+        assert soak.stats.violations == [], [v.line() for v in soak.stats.violations]
+        assert soak.stats.kinds == {"hung": 1} and soak.stats.outcomes == {"rolled_back": 1}
+        new = soak._current
+        assert soak.bad_pairs()[(new.version, new.sha)] in ("hung", "too_many_boots")
+
+
 def test_the_checks_catch_a_lost_report_a_duplicate_and_a_foreign_target(tmp_path: Path) -> None:
     soak_module = load_soak()
     out = soak_module.Report()

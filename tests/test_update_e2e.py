@@ -37,13 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agent import install
+from agent import install, lifecycle
 from agent.manifest import format_time
 from tests.agent_harness import (
     COMMITTED_CHAIN,
     PLATFORM,
     Host,
+    alive,
     dev_binary,
     keys_of,
     new_signer,
@@ -211,6 +214,92 @@ def test_a_version_that_crashes_on_start_is_rolled_back_and_never_retried(tmp_pa
             fixed = dev_binary(tmp_path / "fixed" / "avika-agent", "1.1.0", keys_of(s.signer))
             s.release("1.1.0", fixed)
             wait_for(lambda: host.converged(fixed, "1.1.0"), 30, "the fixed 1.1.0 to commit")
+        finally:
+            host.kill_all()
+
+
+# Small durations: commit deadline 3 s after the swap; the hang is called at the deadline plus
+# UPDATE_FETCH_TIMEOUT plus the watchdog's margin (a live loop may be in a check that long).
+HANG_ENV = {"UPDATE_COMMIT_DEADLINE": "3s", "UPDATE_FETCH_TIMEOUT": "1s"}
+
+
+def test_a_version_that_hangs_after_its_boot_is_killed_rolled_back_and_never_retried(tmp_path):
+    """Outside systemd: the new version starts, counts its boot, reports watching, then its loop
+    hangs (alive, never commits, deaf to SIGTERM). The watchdog kills it (TERM, KILL after 10 s),
+    restores the old binary byte for byte, starts it and reports ``rolled_back`` with ``hung``."""
+    with site() as s:
+        host, old, bad = setup(tmp_path, s, variant="hang_after_boot", **HANG_ENV)
+        s.release("1.1.0", bad)
+        host.start()
+        try:
+            record = wait_for(
+                lambda: (
+                    host.agent_record()
+                    if host.running_version() == "1.1.0" and "watching" in host.chain("1.1.0")
+                    else None
+                ),
+                30,
+                "the new version to boot and watch",
+            )
+            hung = record["pid"]
+            assert host.pending()["boots"] == 1 and host.watchdog_pid() is not None
+            wait_for(
+                lambda: host.running_version() == "1.0.0" and "rolled_back" in host.chain("1.1.0"),
+                90,
+                "the watchdog to roll the hung version back",
+            )
+            assert not alive(hung) and host.target.read_bytes() == old and host.pending() is None
+            rolled = events_with(host, "rolled_back")[-1]
+            assert rolled["error"].startswith("hung") and rolled["target_version"] == "1.1.0"
+            assert rolled["failed_state"] == "watching"
+            assert [(b["version"], b["sha256"], b["reason"]) for b in host.state()["bad_versions"]] == [
+                ("1.1.0", sha256(bad), "hung")
+            ]
+            text = host.log_text()
+            assert f"agent pid {hung} did not act by its commit deadline" in text
+            assert "still alive 10 s after SIGTERM; SIGKILL" in text
+            status = host.status()  # (last_error is the next check's: it passed)
+            assert status["running"]["version"] == "1.0.0" and status["pending"] is None
+            assert [b["reason"] for b in status["bad_versions"]] == ["hung"]
+            wait_for(lambda: host.watchdog_pid() is None, 10, "the watchdog to exit")
+            # Remembered for good: a re-sign does not bring it back.
+            serial = s.resign().serial
+            wait_for(lambda: host.state().get("highest_serial") == serial, 15, "a check of the re-sign")
+            assert s.downloads("1.1.0", bad) == 1 and host.target.read_bytes() == old
+        finally:
+            host.kill_all()
+
+
+def test_a_live_loop_that_cannot_commit_rolls_itself_back_and_is_retried_after_the_backoff(tmp_path):
+    """The other side of the rule: reports are refused (503), so the new version, alive and
+    checking, cannot commit. Its own loop rolls back at the deadline (``commit_deadline_passed``,
+    not ``hung``: the watchdog leaves it alone); once reports get through, the retry commits."""
+    with site() as s:
+        reports = s.server.serve("/v1/reports", b"busy\n", status=503)
+        host, old, new = setup(
+            tmp_path,
+            s,
+            UPDATE_REPORT_URL=s.server.url("/v1/reports"),
+            UPDATE_REPORT_TOKEN="0" * 64,
+            **HANG_ENV,
+        )
+        s.release("1.1.0", new)
+        host.start()
+        try:
+            rolled = wait_for(lambda: events_with(host, "rolled_back"), 60, "the rollback at the deadline")[0]
+            assert rolled["error"].startswith("commit_deadline_passed")
+            assert rolled["failed_state"] == "watching"
+            assert "did not act by its commit deadline" not in host.log_text()
+            line = next(x for x in host.log_lines() if x.get("event", {}).get("state") == "rolled_back")
+            agent_pid = line["pid"]  # the agent itself rolled back: it keeps its pid (exec), no kill
+            wait_for(lambda: host.running_version() == "1.0.0", 15, "the old version to run again")
+            assert host.agent_record()["pid"] == agent_pid and host.target.read_bytes() == old
+            assert host.state()["bad_versions"][0]["reason"] == "commit_deadline_passed"
+            reports.status = 202
+            wait_for(lambda: host.converged(new, "1.1.0"), 60, "the retry after the back-off to commit")
+            rolled_at, retried_at = event_times(host, "rolled_back")[0], event_times(host, "downloading")[1]
+            assert (retried_at - rolled_at).total_seconds() >= 2.0  # backed off: interval 1 s * 2**1
+            assert host.state()["bad_versions"] == [] and s.downloads("1.1.0", new) == 2
         finally:
             host.kill_all()
 
@@ -550,7 +639,9 @@ def test_the_kills_landed_in_many_states(kill_results):
 # ---------------------------------------------------------------- killed in a state: the disk a kill leaves
 
 
-def leave_disk_as_killed_in(host: Host, state: str, old: bytes, new: bytes, now: datetime) -> None:
+def leave_disk_as_killed_in(
+    host: Host, state: str, old: bytes, new: bytes, now: datetime, deadline: timedelta = timedelta(minutes=10)
+) -> None:
     boots = {"staged": 0, "restarting": 0, "watching_last_boot": 3}[state]
     host.state_dir.mkdir(parents=True, exist_ok=True)
     if state != "staged":
@@ -567,7 +658,7 @@ def leave_disk_as_killed_in(host: Host, state: str, old: bytes, new: bytes, now:
         "serial": 1,
         "boots": boots,
         "swapped_at": format_time(now),
-        "deadline": format_time(now + timedelta(minutes=10)),
+        "deadline": format_time(now + deadline),
     }
     (host.state_dir / "pending.json").write_text(json.dumps(record))
 
@@ -601,6 +692,30 @@ def test_killed_in_state_the_next_start_converges(tmp_path, state, ends_on, repo
             host.kill_all()
 
 
+def test_after_a_host_crash_a_hung_version_forks_its_own_watchdog_and_is_still_rolled_back(tmp_path):
+    """Power cut right after the swap: no process survived, so no watchdog either. The next start
+    (the hung new version, started by init) counts its boot, finds no watchdog alive and forks one
+    for itself, which ends the hang as the old version's would have."""
+    with site() as s:
+        host, old, bad = setup(tmp_path, s, variant="hang_after_boot", **HANG_ENV)
+        s.release("1.1.0", bad)
+        leave_disk_as_killed_in(host, "restarting", old, bad, datetime.now(UTC), timedelta(seconds=3))
+        first = host.start()
+        try:
+            watchdog = wait_for(host.watchdog_pid, 30, "a watchdog forked by the new version itself")
+            assert f"watchdog pid {watchdog} watches agent pid {first.pid}" in host.log_text()
+            wait_for(
+                lambda: host.running_version() == "1.0.0" and "rolled_back" in host.chain("1.1.0"),
+                90,
+                "the rollback of the hung version",
+            )
+            assert not alive(first.pid) and host.target.read_bytes() == old and host.pending() is None
+            assert events_with(host, "rolled_back")[-1]["error"].startswith("hung")
+            assert [b["reason"] for b in host.state()["bad_versions"]] == ["hung"]
+        finally:
+            host.kill_all()
+
+
 def test_a_missed_commit_deadline_rolls_back_and_retries_after_the_backoff(tmp_path):
     with site() as s:
         host, old, new = setup(tmp_path, s)
@@ -617,6 +732,62 @@ def test_a_missed_commit_deadline_rolls_back_and_retries_after_the_backoff(tmp_p
             assert host.state()["bad_versions"] == []  # forgotten once it committed
         finally:
             host.kill_all()
+
+
+STATUS_KEYS = keys_of(new_signer())
+RECORD = {
+    "from_version": "1.0.0",
+    "to_version": "1.1.0",
+    "from_sha256": "a" * 64,
+    "to_sha256": "b" * 64,
+    "target": "/opt/avika/avika-agent",
+    "backup": "/opt/avika/avika-agent.backup",
+    "serial": 3,
+    "boots": 1,
+    "swapped_at": "2026-02-15T20:00:00Z",
+    "deadline": "2026-02-15T20:11:00Z",
+}
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+STATE_FILES = st.one_of(
+    st.binary(max_size=300),
+    st.fixed_dictionaries({k: st.one_of(st.just(v), ANY_JSON) for k, v in RECORD.items()}).map(
+        lambda r: json.dumps(r).encode()
+    ),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pending=STATE_FILES, pid_record=STATE_FILES)
+def test_status_of_a_real_agent_shows_any_pending_json_without_a_traceback(
+    tmp_path_factory, pending, pid_record
+):
+    """``avika-agent status`` (text and --json) on random or mistyped pending.json and agent.pid:
+    exit 0, the record or ``{"corrupt": true, ...}``, nothing written, no traceback."""
+    host = Host(tmp_path_factory.mktemp("status") / "h", "http://127.0.0.1:9/updates")
+    host.install("1.0.0", STATUS_KEYS)
+    host.state_dir.mkdir(parents=True)
+    (host.state_dir / "pending.json").write_bytes(pending)
+    (host.state_dir / "agent.pid").write_bytes(pid_record)
+    as_json, as_text = host.cli("status", "--json"), host.cli("status")
+    assert as_json.returncode == 0 and as_text.returncode == 0, host.log_text()[-2000:]
+    assert "Traceback" not in host.log_text()
+    shown = json.loads(as_json.stdout)["pending"]
+    try:
+        valid = lifecycle.Pending.from_dict(json.loads(pending)).to_dict()
+    except (ValueError, RecursionError):
+        valid = None
+    if valid is None:
+        assert shown["corrupt"] is True and "pending.json is corrupt" in shown["error"]
+        assert "pending:        corrupt record" in as_text.stdout
+    else:
+        assert shown == valid
+    assert json.loads(as_json.stdout)["running"] is None  # no live agent of this target
+    assert (host.state_dir / "pending.json").read_bytes() == pending  # status only reads
+    assert sorted(p.name for p in host.state_dir.iterdir()) == ["agent.pid", "pending.json"]
 
 
 def test_files_a_killed_transaction_left_are_removed_at_the_next_start(tmp_path):
