@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 # An agent file runs on CPython 3.9 - 3.13: the agent's unit tests also run under the oldest and the
 # newest (each in .venv-pyXY, with the wheels an agent file ships). `make test COMPAT_PYTHONS=` skips them.
 COMPAT_PYTHONS ?= 3.9 3.13
-COMPAT_TESTS := tests/test_agent_cache.py
+# The agent's own modules (pure logic and I/O; no publisher, Lambda, moto or boto3): ~1 min per Python.
+COMPAT_TESTS := tests/test_agent_cache.py tests/test_config.py tests/test_decide.py tests/test_environment.py \
+	tests/test_state.py tests/test_manifest_rules.py tests/test_manifest_vectors.py \
+	tests/test_manifest_properties.py tests/test_install.py tests/test_fetch.py tests/test_transport.py \
+	tests/test_download_writeback.py tests/test_agent_reports.py tests/test_reports_validation.py \
+	tests/test_lifecycle.py tests/test_agent_check_cli.py
 
 .PHONY: venv test lint format demo demo-quick agent-binary agent-binary-args bench clean
 

@@ -46,7 +46,9 @@ class StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            stream = sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()  # a stream that is not line-buffered (click 8.1's test runner) keeps nothing back
         except Exception:
             self.handleError(record)
 

@@ -7,7 +7,7 @@
 wheels an agent file ships for that Python (from the lock, out of pex's cache: the tests run
 against what hosts run), and the test tools (pytest, pytest-timeout, hypothesis) from the index.
 This machine's pip configuration (extra indexes, find-links) is ignored, as on any other machine.
-A venv whose stamp is newer than the lock is left alone.
+A venv whose stamp is newer than the lock and this script is left alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from build_agent import LOCK, ROOT, BuildError, _wheels, find_interpreters, tag_
 
 from agent.environment import platform_key
 
-TEST_TOOLS = ("pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100")
+# urllib3: test_manifest_properties checks URLs against a second parser (urllib3's).
+TEST_TOOLS = ("pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100", "urllib3>=1.26")
 STAMP = ".installed-stamp"
 
 
@@ -41,7 +42,8 @@ def _pip_env() -> dict[str, str]:
 def make(version: str, python: str) -> Path:
     venv = venv_dir(version)
     stamp = venv / STAMP
-    if stamp.exists() and stamp.stat().st_mtime >= LOCK.stat().st_mtime:
+    inputs = max(LOCK.stat().st_mtime, Path(__file__).stat().st_mtime)
+    if stamp.exists() and stamp.stat().st_mtime >= inputs:
         return venv
     subprocess.run([python, "-m", "venv", "--clear", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]

@@ -581,7 +581,7 @@ def test_a_waiting_transaction_proceeds_once_the_holder_is_done(tmp_path: Path) 
 HAMMER = textwrap.dedent(
     """
     import sys
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
     from pathlib import Path
     from agent import lifecycle
     from agent.config import AgentConfig
@@ -595,7 +595,7 @@ HAMMER = textwrap.dedent(
     )
     print("ready", flush=True)
     sys.stdin.readline()  # start together
-    now = datetime(2026, 2, 15, tzinfo=UTC)
+    now = datetime(2026, 2, 15, tzinfo=timezone.utc)
     for n in range(rounds):
         if role == "attempts":
             lifecycle._fail_attempt(config, "1.1.0", "a" * 64, "fetch_failed", f"try {n}", "downloading", now)
