@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,33 @@ def pad(src: Path, dest: Path, size: int) -> str:
         digest.update(rest)
     dest.chmod(0o755)
     return digest.hexdigest()
+
+
+def interpreter_note() -> str:
+    """What this machine's interpreter costs before any agent code: ``python3 -c pass`` with its
+    ``site`` (here a sandbox ``.pth`` loads certifi at every start) and without (``-S``)."""
+    python = str(Path(getattr(sys, "_base_executable", sys.executable)).resolve())
+    figures = []
+    for flags in ([], ["-S"]):
+        runs = []
+        for _ in range(7):
+            started = time.perf_counter()
+            done = subprocess.run(
+                ["/usr/bin/time", "-f", "%M", python, *flags, "-c", "pass"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs.append((time.perf_counter() - started, int(done.stderr.split()[-1])))
+        wall, rss = sorted(runs)[len(runs) // 2]
+        figures.append(
+            f"`python3 {' '.join([*flags, '-c pass'])}` {wall * 1000:.0f} ms, {rss / 1024:.1f} MiB"
+        )
+    return (
+        "the interpreter alone, in every process above (bare ones too): "
+        + "; ".join(figures)
+        + " (the difference is this machine's site-packages, not the agent's)"
+    )
 
 
 def python3_dir(work: Path) -> Path:

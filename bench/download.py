@@ -67,7 +67,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent_builds import KINDS, build, cache_env, pad, python3_dir
+from agent_builds import KINDS, build, cache_env, interpreter_note, pad, python3_dir
 from results import Report, append, command_line, heading, load_average, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -703,6 +703,7 @@ def whole_process(out: Report, files: dict[str, Any], results: dict[Any, Any], r
     out.table(["release", "tool", "/ plain", "<= 0.9", "RSS < 40 MiB"], ratios)
     out()
     out("- wall: the whole process (GNU time), from exec to exit; CPU: user + system of its tree.")
+    out(f"- {interpreter_note()}.")
     out("- peak RSS: GNU time %M, the largest process of the tree (the agent, or its smoke test child).")
     out(
         "- left in the code cache: bytes an update added to the cache beside the old build's code "

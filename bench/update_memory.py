@@ -45,7 +45,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent_builds import KINDS, LABELS, build, cache_env, pad, python3_dir
+from agent_builds import KINDS, LABELS, build, cache_env, interpreter_note, pad, python3_dir
 from results import Report, append, command_line, load_average
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +273,7 @@ def main() -> int:
             "imports and its start (config, state lock, pid record); the old shiv build's also "
             "hold its extraction of the new build. Log times have 1 ms resolution."
         )
+        out(f"Also: {interpreter_note()}.")
         out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
         if not args.no_results:
             append(out.lines, title="bench/update_memory.py", command=command_line())
