@@ -40,6 +40,7 @@ import io
 import json
 import os
 import pprint
+import pwd
 import re
 import shutil
 import subprocess
@@ -129,14 +130,18 @@ def _probe(python: str) -> str | None:
 def find_interpreters(versions: Iterable[str], given: Mapping[str, str] | None = None) -> dict[str, str]:
     """A working interpreter for each ``X.Y``: as given, else ``pythonX.Y`` on PATH, else pyenv's."""
     given = dict(given or {})
-    pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    # pyenv's root: as configured, else in $HOME, else in this user's home (HOME may be redirected).
+    roots = [os.environ.get("PYENV_ROOT"), os.path.expanduser("~/.pyenv")]
+    roots.append(os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".pyenv"))
     found, missing = {}, []
     for version in versions:
         if version in given:
             candidates = [given[version]]
         else:
-            pattern = os.path.join(pyenv, "versions", f"{version}.*", "bin", f"python{version}")
-            candidates = [shutil.which(f"python{version}"), *sorted(glob.glob(pattern), reverse=True)]
+            candidates = [shutil.which(f"python{version}")]
+            for root in dict.fromkeys(r for r in roots if r):
+                pattern = os.path.join(root, "versions", f"{version}.*", "bin", f"python{version}")
+                candidates += sorted(glob.glob(pattern), reverse=True)
         for candidate in candidates:
             if candidate and _probe(candidate) == version:
                 found[version] = candidate
