@@ -12,15 +12,16 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
+from agent.config import parse_duration
 from agent.manifest import Manifest, ManifestError, Signer, format_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
-from infra.reports.validation import valid_agent_id
+from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
 from publisher import release as publishing
 from publisher.errors import PublishError
@@ -370,20 +371,78 @@ def enroll(agent_id: str, as_json: bool) -> None:
         click.echo(token)
 
 
+def _stale_after(value: str) -> timedelta:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds < 1:
+        raise click.BadParameter("must be at least 1s")
+    return timedelta(seconds=seconds)
+
+
 @main.command()
+@click.argument("agent_id", required=False)
 @reports_option
+@click.option(
+    "--stale-after",
+    default="3h",
+    show_default=True,
+    callback=lambda ctx, param, value: _stale_after(value),
+    metavar="DURATION",
+    help="An agent with no report (heartbeats included) for this long is silent (stale).",
+)
+@click.option("--state", type=click.Choice(STATES), help="Only agents in this state.")
+@click.option("--version", "version_filter", metavar="V", help="Only agents running this version.")
+@click.option("--mode", type=click.Choice(MODES), help="Only VM or container agents.")
+@click.option("--stale", is_flag=True, help="Only agents that went silent (see --stale-after).")
+@click.option("--update-available", is_flag=True, help="Only agents with an update available.")
 @json_option
-def fleet(reports: str | None, as_json: bool) -> None:
-    """Agents, versions and states from the reports store; who has an update available."""
+def fleet(
+    agent_id: str | None,
+    reports: str | None,
+    stale_after: Any,
+    state: str | None,
+    version_filter: str | None,
+    mode: str | None,
+    stale: bool,
+    update_available: bool,
+    as_json: bool,
+) -> None:
+    """Agents, versions and states from the reports store: who has an update available, who went
+    silent, what failed. With AGENT_ID: that agent's history (oldest first)."""
+    if agent_id is not None and not valid_agent_id(agent_id):
+        raise click.BadParameter(
+            f"{agent_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ / + = -", param_hint="AGENT_ID"
+        )
+    where = fleet_view.FleetFilter(
+        state=state,
+        version=version_filter,
+        mode=mode,
+        stale=True if stale else None,
+        update_available=True if update_available else None,
+    )
+    colour = not as_json and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    now = datetime.now(UTC)
     store = fleet_view.open_reports(reports)
     try:
-        view = fleet_view.fleet_view(fleet_view.read_agents(store))
+        if agent_id is not None:
+            history = fleet_view.agent_history(store, agent_id, now=now, stale_after=stale_after)
+            if history is None:
+                raise PublishError(f"no reports from agent {agent_id!r} in {reports}")
+            if as_json:
+                _print_json(history)
+            else:
+                click.echo(fleet_view.format_agent(history, now=now, colour=colour), nl=False)
+            return
+        view = fleet_view.read_fleet(store, now=now, stale_after=stale_after, where=where)
     finally:
         store.close()
     if as_json:
         _print_json(view)
     else:
-        click.echo(fleet_view.format_fleet(view), nl=False)
+        view["filtered"] = where != fleet_view.FleetFilter()
+        click.echo(fleet_view.format_fleet(view, now=now, stale_after=stale_after, colour=colour), nl=False)
 
 
 @main.command()

@@ -1,15 +1,23 @@
-"""The fleet view and the canary verdict (DESIGN section 6): pure logic over report-store rows.
+"""The fleet view, liveness and the canary verdict (DESIGN sections 5, 6, 9): pure rules over store rows.
 
-Rows come from ``infra.reports.store.ReportStore``: ``agents()`` (each agent's latest state, as
-the event with the highest (stream, seq) left it, plus ``last_seen``, the server's receive time of
-its latest report) and ``version_outcomes(VERSION)`` (each agent's latest install-attempt event
-whose ``target_version`` is VERSION). Nothing here reads events, so ``fleet`` holds at any size the
-store's ``agents()`` holds.
+This module is the one definition of what the CLI (``fleet``, ``canary``) and the operator API
+(``/v1/fleet``, ``/v1/agents``, ``/v1/releases``) show. Rows come from
+``infra.reports.store.ReportStore``: ``scan()`` (each agent's latest state as the event with the
+highest (stream, seq) left it, plus ``last_seen`` and ``last_change``), ``agent_events(ID)`` and
+``version_outcomes(VERSION)``. Nothing here reads every event, so ``fleet`` holds at any size the
+store's ``scan()`` holds.
 
 Fleet row (``avika-publish fleet --json``, contract): ``agent_id``, ``mode``, ``platform``,
 ``version`` (what the agent runs, as it last said), ``state`` (its latest reported state),
-``target_version``, ``last_seen``, and two derived fields:
+``target_version``, ``last_seen`` (receive time of its latest event of any kind, heartbeats
+included), ``last_change`` (of the event that set ``state``), ``last_result`` (the last check's
+reason or error code, from heartbeats), ``in_wave`` and ``image`` (as the agent last reported
+them), and three derived fields:
 
+- ``stale``: ``last_seen`` is older than ``--stale-after`` (default 3 h): the agent went silent.
+  An agent sends a heartbeat after ``UPDATE_HEARTBEAT_INTERVAL`` (default 1 h) of silence, so 3 h
+  is three missed heartbeats. One cutoff string (``stale_cutoff``) serves the rule here and the
+  store's own filter (stored times are fixed-width RFC 3339, so they compare as text).
 - ``update_available``: the agent was offered a version it does not run and is not installing it
   now, i.e. ``target_version`` is set, differs from ``version`` (compared as versions, so
   ``v0.1.44`` = ``0.1.44``; a downgrade counts), and ``state`` is not an install step in progress
@@ -19,7 +27,22 @@ Fleet row (``avika-publish fleet --json``, contract): ``agent_id``, ``mode``, ``
 - ``last_error``: when the latest state is ``failed`` or ``rolled_back``, ``"<failed_state>: <error>"``
   (either part alone when the other is missing, the state name when both are), else null.
 
-``versions``: agents per running version, ordered by version.
+``versions``: agents per running version, ordered by version. Filters (``--state``, ``--version``,
+``--mode``, ``--stale``, ``update_available``) select rows by the same fields.
+
+Rollout progress (the console's chart), per mode, against the live release: ``on_live`` (runs
+its version), ``ahead`` (runs a newer one and the release is no downgrade: it will not move),
+``in_wave`` (its wave bucket is below the rollout percent, or it is below ``min_version``: it is
+updating, about to, or failed to), ``behind`` (not in the wave yet). A host agent's bucket is
+``fnv1a32(salt + agent_id) % 100``; a Kubernetes workload (``k8s/<cluster>/<ns>/<kind>/<name>``)
+uses the controller's ``fnv1a32(salt + cluster/ns/name)`` (section 10).
+
+Summary (``/v1/fleet``): whole-fleet counts (``total``, ``by_version``, ``by_state``, ``by_mode``,
+``stale``, ``update_available``, ``failures``), the rollout progress and short lists that need a
+person (silent agents, oldest first; failures, newest first; containers with an update
+available). It is computed from one pass over ``scan_all()``; :class:`SummaryCache` keeps that
+pass for the store's ``summary_ttl`` (DynamoDB: 60 s), so polling consoles do not read the whole
+fleet every 5 s; a new rollout percent re-renders the cached pass without reading again.
 
 Canary (``avika-publish canary VERSION``): over the agents whose latest attempt at VERSION has ended
 (``committed``, ``failed``, ``rolled_back``); attempts still in progress are listed apart and not
@@ -33,17 +56,24 @@ of an old release never stops a newer one.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import heapq
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from packaging.version import InvalidVersion
 
-from agent.manifest import PublicKey, Signer, normalize_version, parse_version
-from infra.reports.store import ReportStore, StoreError
+from agent.manifest import Manifest, PublicKey, Signer, fnv1a32, format_time, normalize_version, parse_version
+from infra.reports.store import ReportStore, StoreError, Where, rfc3339_ms
+from infra.reports.validation import MODES, STATES
 from publisher import release as publishing
 from publisher.errors import PublishError, Refused
 from publisher.stores import Store
@@ -59,9 +89,33 @@ FLEET_FIELDS = (
     "state",
     "target_version",
     "last_seen",
+    "last_change",
+    "stale",
+    "last_result",
+    "in_wave",
+    "image",
     "update_available",
     "last_error",
 )
+HISTORY_FIELDS = ("time", "received", "state", "version", "target_version", "failed_state", "error")
+DEFAULT_STALE_AFTER = timedelta(hours=3)
+MAX_HISTORY_EVENTS = 200  # /v1/agents/{id}: the newest are kept
+ATTENTION_ROWS = 25  # per list in the summary
+PROGRESS = ("on_live", "in_wave", "behind", "ahead")
+
+# One colour per kind of state, the same in the CLI table and on the page (publisher/console/
+# states.js holds the same map; tests/test_console_page.py holds them together).
+STATE_TONES = {
+    "committed": "ok",
+    "failed": "bad",
+    "rolled_back": "bad",
+    "update_available": "warn",
+    **{state: "busy" for state in IN_PROGRESS},
+    "checking": "idle",
+    "heartbeat": "idle",
+}
+STALE_TONE = "stale"
+ANSI = {"ok": "32", "bad": "31", "warn": "33", "busy": "94", "idle": "2", "stale": "35"}
 
 EXIT_PASS, EXIT_HOLD, EXIT_FAIL = 0, 4, 5
 VERDICTS = {EXIT_PASS: "pass", EXIT_HOLD: "hold", EXIT_FAIL: "fail"}
@@ -89,23 +143,26 @@ def open_reports(url: str | None) -> ReportStore:
         raise PublishError(f"reports store {url}: {exc}") from None
 
 
-def read_agents(store: ReportStore) -> list[dict[str, Any]]:
+def _reading(what: Callable[[], Any]) -> Any:
     try:
-        return list(store.agents())
+        return what()
     except StoreError as exc:
         raise PublishError(f"reading the reports store: {exc}") from None
+
+
+def read_agents(store: ReportStore) -> list[dict[str, Any]]:
+    """Every agent's scan row (``STATE_ROW_FIELDS``), in the store's order."""
+    return _reading(lambda: list(store.scan_all()))
 
 
 def read_outcomes(store: ReportStore, version: str) -> list[dict[str, Any]]:
-    try:
-        return store.version_outcomes(version)
-    except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+    return _reading(lambda: store.version_outcomes(version))
 
 
 # ---------------------------------------------------------------- versions
 
 
+@lru_cache(maxsize=4096)
 def canonical_version(text: str) -> str:
     """``v0.1.44`` -> ``0.1.44`` (as the publisher publishes it); text that is no version, as is."""
     try:
@@ -120,6 +177,7 @@ def same_version(a: str | None, b: str | None) -> bool:
     return canonical_version(a) == canonical_version(b)
 
 
+@lru_cache(maxsize=4096)
 def _version_key(text: str) -> tuple[int, Any]:
     try:
         return (0, parse_version(text))
@@ -127,7 +185,27 @@ def _version_key(text: str) -> tuple[int, Any]:
         return (1, text)
 
 
-# ---------------------------------------------------------------- fleet
+def _newer(a: str, b: str) -> bool:
+    """``a`` is a higher version than ``b`` (unparsable versions are never newer)."""
+    ka, kb = _version_key(a), _version_key(b)
+    return ka[0] == kb[0] == 0 and ka[1] > kb[1]
+
+
+# ---------------------------------------------------------------- liveness and rows
+
+
+def _epoch(now: datetime | float) -> float:
+    return now.timestamp() if isinstance(now, datetime) else float(now)
+
+
+def stale_cutoff(now: datetime | float, stale_after: timedelta = DEFAULT_STALE_AFTER) -> str:
+    """``last_seen`` below this (as stored: RFC 3339 with ms) is stale."""
+    return rfc3339_ms(_epoch(now) - stale_after.total_seconds())
+
+
+def is_stale(row: dict[str, Any], cutoff: str) -> bool:
+    seen = row.get("last_seen")
+    return seen is None or seen < cutoff
 
 
 def update_available(row: dict[str, Any]) -> bool:
@@ -146,7 +224,8 @@ def last_error(row: dict[str, Any]) -> str | None:
     return ": ".join(parts) if parts else state
 
 
-def fleet_row(row: dict[str, Any]) -> dict[str, Any]:
+def fleet_row(row: dict[str, Any], cutoff: str) -> dict[str, Any]:
+    """The contract's row (``FLEET_FIELDS``, in that order) of one agent's latest state."""
     return {
         "agent_id": row.get("agent_id"),
         "mode": row.get("mode"),
@@ -155,27 +234,411 @@ def fleet_row(row: dict[str, Any]) -> dict[str, Any]:
         "state": row.get("state"),
         "target_version": row.get("target_version"),
         "last_seen": row.get("last_seen"),
+        "last_change": row.get("last_change"),
+        "stale": is_stale(row, cutoff),
+        "last_result": row.get("last_result"),
+        "in_wave": row.get("in_wave"),
+        "image": row.get("image"),
         "update_available": update_available(row),
         "last_error": last_error(row),
     }
 
 
-def fleet_view(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """``{"agents": [...by agent_id], "versions": {version: count, ...by version}}`` (contract)."""
-    agents = sorted((fleet_row(r) for r in rows), key=lambda a: a["agent_id"] or "")
+def _counts_by_version(agents: Iterable[dict[str, Any]]) -> dict[str, int]:
     counts = Counter(a["version"] for a in agents)
-    versions = {v: counts[v] for v in sorted(counts, key=_version_key)}
-    return {"agents": agents, "versions": versions}
+    return {v: counts[v] for v in sorted(counts, key=lambda v: _version_key(v or ""))}
+
+
+# ---------------------------------------------------------------- filters and pages
+
+
+@dataclass(frozen=True)
+class FleetFilter:
+    """Which agents to list; None means any. The store applies what it can, every row is checked."""
+
+    state: str | None = None
+    version: str | None = None
+    mode: str | None = None
+    stale: bool | None = None
+    update_available: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in STATES:
+            raise Refused(f"state {self.state!r} is not one of {', '.join(STATES)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise Refused(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.version is not None and not 1 <= len(self.version) <= 64:
+            raise Refused("version must be 1-64 characters")
+
+    def where(self, cutoff: str) -> Where:
+        return Where(state=self.state, mode=self.mode, seen_before=cutoff if self.stale else None)
+
+    def matches(self, view: dict[str, Any]) -> bool:
+        return (
+            (self.state is None or view["state"] == self.state)
+            and (self.mode is None or view["mode"] == self.mode)
+            and (self.version is None or same_version(view["version"], self.version))
+            and (self.stale is None or view["stale"] is self.stale)
+            and (self.update_available is None or view["update_available"] is self.update_available)
+        )
+
+
+def fleet_view(
+    rows: Iterable[dict[str, Any]],
+    *,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    where: FleetFilter = FleetFilter(),
+) -> dict[str, Any]:
+    """``{"agents": [...by agent_id], "versions": {version: count, ...by version}}`` (contract)."""
+    cutoff = stale_cutoff(now, stale_after)
+    agents = sorted(
+        (v for v in (fleet_row(r, cutoff) for r in rows) if where.matches(v)),
+        key=lambda a: a["agent_id"] or "",
+    )
+    return {"agents": agents, "versions": _counts_by_version(agents)}
+
+
+def read_fleet(
+    store: ReportStore,
+    *,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    where: FleetFilter = FleetFilter(),
+) -> dict[str, Any]:
+    """``fleet --json``: every agent that passes ``where``."""
+    cutoff = stale_cutoff(now, stale_after)
+    rows = _reading(lambda: [row for _, row in store.scan(where=where.where(cutoff))])
+    return fleet_view(rows, now=now, stale_after=stale_after, where=where)
+
+
+def encode_cursor(position: str) -> str:
+    return base64.urlsafe_b64encode(position.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The store position in a ``next`` cursor; Refused for anything else."""
+    try:
+        if len(cursor) > 512:
+            raise ValueError("too long")
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+    except (ValueError, binascii.Error):
+        raise Refused("cursor: not a cursor this server returned") from None
+
+
+def fleet_page(
+    store: ReportStore,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    where: FleetFilter = FleetFilter(),
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of matching rows in store order, and the cursor of the next (None: last page).
+
+    A page examines at most the store's ``scan_budget`` rows, so a filter that matches few agents
+    may return a short (even empty) page with a ``next`` cursor: keep following it.
+    """
+    cutoff = stale_cutoff(now, stale_after)
+    after = decode_cursor(cursor) if cursor else None
+    agents: list[dict[str, Any]] = []
+    resume: str | None = None
+    budget = store.scan_budget
+    try:
+        rows = store.scan(after, where.where(cutoff), page_size=min(limit + 1, 1000))
+        for examined, (position, row) in enumerate(rows, 1):
+            view = fleet_row(row, cutoff)
+            if where.matches(view):
+                if len(agents) == limit:
+                    return agents, encode_cursor(resume or position)
+                agents.append(view)
+                resume = position
+            if budget is not None and examined >= budget:
+                return agents, encode_cursor(position)
+    except ValueError:
+        raise Refused("cursor: not a cursor this server returned") from None
+    except StoreError as exc:
+        raise PublishError(f"reading the reports store: {exc}") from None
+    return agents, None
+
+
+# ---------------------------------------------------------------- one agent
+
+
+def history_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "time": event.get("time"),
+        "received": event.get("received_at"),
+        "state": event.get("state"),
+        "version": event.get("version"),
+        "target_version": event.get("target_version"),
+        "failed_state": event.get("failed_state"),
+        "error": event.get("error"),
+    }
+
+
+def agent_history(
+    store: ReportStore,
+    agent_id: str,
+    *,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    limit: int | None = None,
+) -> dict[str, Any] | None:
+    """``fleet AGENT_ID --json``: ``{"agent": row, "events": [...oldest first]}``; None if unknown.
+
+    Events are ordered as the agent made them ((stream, seq): a new stream per fresh queue);
+    ``limit`` keeps the newest. Heartbeats are liveness, not history: they are not among them.
+    """
+    latest = _reading(lambda: store.agent(agent_id))
+    if latest is None:
+        return None
+    events = _reading(lambda: store.agent_events(agent_id))
+    events.sort(key=lambda e: (str(e.get("stream", "")).lower(), e.get("seq", 0)))
+    if limit is not None:
+        events = events[-limit:] if limit else []
+    return {
+        "agent": fleet_row(latest, stale_cutoff(now, stale_after)),
+        "events": [history_event(e) for e in events],
+    }
+
+
+# ---------------------------------------------------------------- the live release
+
+
+def release_view(manifest: Manifest | None, *, verified: bool | None = None) -> dict[str, Any] | None:
+    """What the console shows of the live release (the contract's five fields first)."""
+    if manifest is None:
+        return None
+    plan = manifest.rollout_plan
+    return {
+        "version": manifest.version,
+        "serial": manifest.serial,
+        "rollout_percent": manifest.rollout.percent,
+        "expires": format_time(manifest.expires),
+        "halted": manifest.rollout.halted,
+        "released_at": format_time(manifest.released_at),
+        "signed_at": None if manifest.signed_at is None else format_time(manifest.signed_at),
+        "rollout_plan": None if plan is None else plan.to_dict(),
+        "image": manifest.container_image,
+        "min_version": manifest.min_version,
+        "downgrade": manifest.downgrade,
+        "changelog": manifest.changelog,
+        "verified": verified,
+    }
+
+
+# ---------------------------------------------------------------- summary
+
+
+_BUCKETS: dict[tuple[str, str], int] = {}
+_BUCKETS_MAX = 400_000
+
+
+def wave_bucket(agent_id: str, salt: str) -> int:
+    """The agent's wave bucket for ``salt`` (module docstring: hosts and Kubernetes workloads)."""
+    key = (salt, agent_id)
+    bucket = _BUCKETS.get(key)
+    if bucket is None:
+        parts = agent_id.split("/")  # k8s/<cluster>/<namespace>/<kind>/<name>: the workload's rule
+        text = f"{parts[1]}/{parts[2]}/{parts[4]}" if parts[0] == "k8s" and len(parts) == 5 else agent_id
+        bucket = fnv1a32((salt + text).encode("utf-8")) % 100
+        if len(_BUCKETS) >= _BUCKETS_MAX:
+            _BUCKETS.clear()
+        _BUCKETS[key] = bucket
+    return bucket
+
+
+def progress_position(version: str, bucket: int | None, live: Manifest) -> str:
+    """Where an agent stands in the live release's rollout (module docstring)."""
+    if same_version(version, live.version):
+        return "on_live"
+    if not live.downgrade and _newer(version, live.version):
+        return "ahead"
+    if live.min_version is not None and _newer(live.min_version, version):
+        return "in_wave"  # forced: below min_version, whatever its wave
+    if bucket is not None and bucket < live.rollout.percent:
+        return "in_wave"
+    return "behind"
+
+
+class _Desc:
+    """Reverses the order of a key (a max-heap out of ``heapq``'s min-heap)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Desc) -> bool:
+        return self.key > other.key
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and self.key == other.key
+
+
+class _Top:
+    """The ``n`` rows with the lowest keys (``largest``: the highest), kept while streaming."""
+
+    def __init__(self, n: int, *, largest: bool = False) -> None:
+        self.n = n
+        self.largest = largest
+        self.count = 0
+        self._heap: list[tuple[Any, int, dict[str, Any]]] = []  # the root is the first to leave
+
+    def offer(self, key: Any, row: dict[str, Any]) -> None:
+        self.count += 1
+        item = (key if self.largest else _Desc(key), self.count, row)
+        if len(self._heap) < self.n:
+            heapq.heappush(self._heap, item)
+        elif item[0] > self._heap[0][0] if self.largest else item[0].key < self._heap[0][0].key:
+            heapq.heapreplace(self._heap, item)
+
+    def rows(self) -> list[dict[str, Any]]:
+        def key(item: tuple[Any, int, dict[str, Any]]) -> Any:
+            return item[0] if self.largest else item[0].key
+
+        return [row for *_, row in sorted(self._heap, key=key, reverse=self.largest)]
+
+
+@dataclass
+class FleetPass:
+    """One pass over the whole fleet: counts grouped so any rollout percent can be rendered."""
+
+    computed_at: str
+    stale_after: timedelta
+    groups: Counter[tuple[Any, ...]]  # (mode, version, state, stale, update_available, bucket)
+    attention: dict[str, list[dict[str, Any]]]
+    counts: dict[str, int]
+
+
+def fleet_pass(
+    rows: Iterable[dict[str, Any]],
+    *,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    live: Manifest | None = None,
+) -> FleetPass:
+    """Everything the summary needs, from one streaming pass (memory bounded by the groups)."""
+    cutoff = stale_cutoff(now, stale_after)
+    groups: Counter[tuple[Any, ...]] = Counter()
+    silent, containers = _Top(ATTENTION_ROWS), _Top(ATTENTION_ROWS)
+    failing = _Top(ATTENTION_ROWS, largest=True)
+    for row in rows:
+        view = fleet_row(row, cutoff)
+        version = view["version"] or ""
+        bucket = None
+        if live is not None and not same_version(version, live.version):
+            bucket = wave_bucket(view["agent_id"], live.rollout.salt)
+        groups[(view["mode"], version, view["state"], view["stale"], view["update_available"], bucket)] += 1
+        if view["stale"]:
+            silent.offer(view["last_seen"] or "", view)
+        if view["state"] in FAILURES:
+            failing.offer(view["last_change"] or "", view)
+        if view["update_available"] and view["mode"] == "container":
+            containers.offer(view["agent_id"], view)
+    return FleetPass(
+        computed_at=rfc3339_ms(_epoch(now)),
+        stale_after=stale_after,
+        groups=groups,
+        attention={"stale": silent.rows(), "failures": failing.rows(), "update_available": containers.rows()},
+        counts={"stale": silent.count, "failures": failing.count, "update_available": containers.count},
+    )
+
+
+def summarize(done: FleetPass, live: Manifest | None) -> dict[str, Any]:
+    """The ``summary`` object of ``/v1/fleet`` from a pass (cheap: over the groups only)."""
+    by_version: Counter[str] = Counter()
+    by_state: Counter[str] = Counter()
+    by_mode: Counter[str] = Counter()
+    progress: dict[str, Counter[str]] = {}
+    total = stale = available = 0
+    for (mode, version, state, is_stale_, is_available, bucket), n in done.groups.items():
+        total += n
+        by_version[version] += n
+        by_state[state or "-"] += n
+        by_mode[mode] += n
+        stale += n if is_stale_ else 0
+        available += n if is_available else 0
+        if live is not None:
+            progress.setdefault(mode, Counter())[progress_position(version, bucket, live)] += n
+    rank = {s: i for i, s in enumerate(STATES)}
+    rollout = None
+    if live is not None:
+        rollout = {
+            "version": live.version,
+            "percent": live.rollout.percent,
+            **{mode: {k: progress.get(mode, Counter())[k] for k in PROGRESS} for mode in MODES},
+        }
+    return {
+        "total": total,
+        "by_version": {v: by_version[v] for v in sorted(by_version, key=_version_key)},
+        "by_state": {s: by_state[s] for s in sorted(by_state, key=lambda s: (rank.get(s, len(rank)), s))},
+        "stale": stale,
+        "update_available": available,
+        "by_mode": {m: by_mode[m] for m in MODES if by_mode[m]},
+        "failures": done.counts["failures"],
+        "stale_after_s": int(done.stale_after.total_seconds()),
+        "computed_at": done.computed_at,
+        "rollout": rollout,
+        "attention": done.attention,
+    }
+
+
+class SummaryCache:
+    """Reuse a whole-fleet pass for ``ttl`` seconds (per stale-after and live version and salt).
+
+    With ``ttl`` 0 every call makes a new pass. Concurrent callers for the same key wait for one
+    pass instead of each reading the fleet.
+    """
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.passes = 0  # how many whole-fleet reads were made (benchmarks, tests)
+        self._lock = threading.Lock()
+        self._cached: dict[tuple[Any, ...], tuple[float, FleetPass]] = {}
+
+    def summary(self, store: ReportStore, *, stale_after: timedelta, live: Manifest | None) -> dict[str, Any]:
+        key = (stale_after, None if live is None else (live.version, live.rollout.salt))
+        with self._lock:
+            now = self.clock()
+            hit = self._cached.get(key)
+            if hit is None or now - hit[0] >= self.ttl or self.ttl <= 0:
+                done = fleet_pass(
+                    _reading(lambda: iter(store.scan_all())), now=now, stale_after=stale_after, live=live
+                )
+                self.passes += 1
+                self._cached = {k: v for k, v in self._cached.items() if now - v[0] < self.ttl}
+                self._cached[key] = hit = (now, done)
+        return summarize(hit[1], live)
+
+
+# ---------------------------------------------------------------- text
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     """Aligned columns, two spaces apart; None shows as ``-``."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in [list(headers), *cells]
-    ]
+    return coloured_table(headers, ([(v, None) for v in row] for row in rows), colour=False)
+
+
+def coloured_table(
+    headers: Sequence[str], rows: Iterable[Sequence[tuple[Any, str | None]]], *, colour: bool
+) -> list[str]:
+    """Like :func:`table`, each cell a (value, tone); tones become ANSI colours when ``colour``."""
+    cells = [[("-" if v is None else str(v), tone) for v, tone in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i][0]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for line in cells:
+        out = []
+        for (text, tone), w in zip(line, widths, strict=True):
+            padded = text.ljust(w)
+            if colour and tone in ANSI:
+                padded = f"\x1b[{ANSI[tone]}m{text}\x1b[0m" + " " * (w - len(text))
+            out.append(padded)
+        lines.append("  ".join(out).rstrip())
+    return lines
 
 
 def _short(text: str | None, limit: int = MAX_TEXT_ERROR) -> str | None:
@@ -188,35 +651,119 @@ def _counts(counter: Counter[str] | dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.items()) or "-"
 
 
-def format_fleet(view: dict[str, Any]) -> str:
+def ago(stamp: str | None, now: datetime | float) -> str | None:
+    """``45s``, ``12m``, ``3h05m``, ``2d04h`` since an RFC 3339 time; None when unknown."""
+    if not stamp:
+        return None
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return stamp
+    seconds = max(0, int(_epoch(now) - then))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"), (seconds % 3600 // 60, "m")]
+    text = "".join(f"{n}{unit}" for n, unit in parts if n) + (f"{seconds % 60}s" if seconds % 60 else "")
+    return text or "0s"
+
+
+def state_tone(state: str | None) -> str | None:
+    return STATE_TONES.get(state or "")
+
+
+def format_fleet(
+    view: dict[str, Any],
+    *,
+    now: datetime | float,
+    stale_after: timedelta = DEFAULT_STALE_AFTER,
+    colour: bool = False,
+) -> str:
     agents = view["agents"]
     if not agents:
-        return "no agents have reported yet\n"
-    lines = table(
-        ("AGENT", "MODE", "PLATFORM", "VERSION", "STATE", "TARGET", "LAST SEEN", "UPDATE", "LAST ERROR"),
-        (
-            (
-                a["agent_id"],
-                a["mode"],
-                a["platform"] or None,
-                a["version"],
-                a["state"],
-                a["target_version"],
-                a["last_seen"],
-                "available" if a["update_available"] else None,
-                _short(a["last_error"]),
-            )
-            for a in agents
-        ),
-    )
+        return "no agents match\n" if view.get("filtered") else "no agents have reported yet\n"
+    headers = ("AGENT", "MODE", "PLATFORM", "VERSION", "STATE", "TARGET", "LAST SEEN", "CHANGED", "UPDATE")
+    rows = []
+    for a in agents:
+        seen = ago(a["last_seen"], now)
+        rows.append(
+            [
+                (a["agent_id"], None),
+                (a["mode"], None),
+                (a["platform"] or None, None),
+                (a["version"], None),
+                (a["state"], state_tone(a["state"])),
+                (a["target_version"], None),
+                (f"{seen} ago, SILENT" if a["stale"] else f"{seen} ago", STALE_TONE if a["stale"] else None),
+                (f"{ago(a['last_change'], now)} ago" if a["last_change"] else None, None),
+                ("available" if a["update_available"] else None, "warn" if a["update_available"] else None),
+                *([(_short(a["last_error"]), "bad")] if a["last_error"] else [(a["last_result"], None)]),
+            ]
+        )
+    lines = coloured_table((*headers, "LAST ERROR / RESULT"), rows, colour=colour)
     states = Counter(a["state"] for a in agents)
-    available = sum(1 for a in agents if a["update_available"])
+    available = [a for a in agents if a["update_available"]]
+    silent = sum(1 for a in agents if a["stale"])
     lines += [
         "",
         f"versions: {_counts(view['versions'])}",
-        f"states:   {_counts(dict(sorted(states.items())))}",
-        f"{len(agents)} agent(s), {available} with an update available",
+        f"states:   {_counts(dict(sorted(states.items(), key=lambda kv: str(kv[0]))))}",
     ]
+    images = [a for a in available if a["mode"] == "container" and a["image"]]
+    if images:
+        lines.append("containers to roll: " + ", ".join(f"{a['agent_id']} -> {a['image']}" for a in images))
+    lines.append(
+        f"{len(agents)} agent(s), {len(available)} with an update available, "
+        f"{silent} silent for over {format_duration(stale_after)}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def format_agent(history: dict[str, Any], *, now: datetime | float, colour: bool = False) -> str:
+    a = history["agent"]
+    seen = ago(a["last_seen"], now)
+    lines = [
+        f"agent        {a['agent_id']}",
+        f"mode         {a['mode']} ({a['platform'] or '-'})",
+        f"version      {a['version']}" + (f" (target {a['target_version']})" if a["target_version"] else ""),
+        f"state        {a['state']}" + (f" ({ago(a['last_change'], now)} ago)" if a["last_change"] else ""),
+        f"last seen    {a['last_seen']} ({seen} ago)" + (", SILENT" if a["stale"] else ""),
+        f"last result  {a['last_result'] or '-'}",
+    ]
+    if a["update_available"]:
+        lines.append(
+            f"update       available: {a['target_version']}" + (f" ({a['image']})" if a["image"] else "")
+        )
+    if a["last_error"]:
+        lines.append(f"last error   {a['last_error']}")
+    events = history["events"]
+    lines += ["", f"history ({len(events)} event(s), oldest first; heartbeats are not history):"]
+    if events:
+        lines += coloured_table(
+            ("RECEIVED", "STATE", "VERSION", "TARGET", "ERROR"),
+            (
+                [
+                    (e["received"], None),
+                    (e["state"], state_tone(e["state"])),
+                    (e["version"], None),
+                    (e["target_version"], None),
+                    (
+                        _short(": ".join(p for p in (e["failed_state"], e["error"]) if p) or None),
+                        "bad" if e["error"] else None,
+                    ),
+                ]
+                for e in events
+            ),
+            colour=colour,
+        )
     return "\n".join(lines) + "\n"
 
 
