@@ -595,10 +595,9 @@ def test_states_are_coloured_on_a_terminal(sqlite_fleet: Fleet) -> None:
     """A real pseudo-terminal: the table colours states with the tones the console page uses."""
     import os
     import pty
+    import re
     import subprocess
     import sys
-
-    import re
 
     mixed_fleet(sqlite_fleet)
     sqlite_fleet.now = time.time() - 4 * 3600 - 5
