@@ -525,11 +525,64 @@ def canary(
     "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port."
 )
 @reports_option
-def serve(root: Path, host: str, port: int, reports: str | None) -> None:
-    """Serve a store directory like a CDN (ETag, Range, Cache-Control), plus POST /v1/reports."""
+@click.option(
+    "--console",
+    is_flag=True,
+    help="Also serve the web console (/console/) and the operator API (/v1/fleet, /v1/releases, ...);"
+    " tokens from AVIKA_CONSOLE_TOKENS (name:scope:secret, comma-separated).",
+)
+@click.option(
+    "--key",
+    "key_files",
+    multiple=True,
+    envvar="AVIKA_SIGNING_KEY",
+    metavar="KEY",
+    help="With --console: the key that signs rollout and halt (env AVIKA_SIGNING_KEY).",
+)
+@click.option(
+    "--kms-key-id",
+    "kms_key_ids",
+    multiple=True,
+    envvar="AVIKA_KMS_KEY_ID",
+    metavar="ID",
+    help="With --console: an AWS KMS key instead (env AVIKA_KMS_KEY_ID).",
+)
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="With --console: the release store it shows and re-signs (default: --root).",
+)
+@public_key_option("With --console: also trust the live manifest signed by this key.")
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    reports: str | None,
+    console: bool,
+    key_files: tuple[str, ...],
+    kms_key_ids: tuple[str, ...],
+    store_url: str | None,
+    public_keys: list,
+) -> None:
+    """Serve a store directory like a CDN (ETag, Range, Cache-Control), plus POST /v1/reports;
+    with --console, the web console and the operator API."""
     from publisher.serve import run
 
-    run(root, host, port, reports)
+    mount = None
+    if console:
+        from publisher.console_app import make_console
+
+        mount = make_console(
+            reports,
+            store_url or str(root),
+            key_files=key_files,
+            kms_key_ids=kms_key_ids,
+            public_keys=public_keys,
+        )
+        if not (key_files or kms_key_ids):
+            _note("--console without --key or --kms-key-id: the console shows, but cannot roll out or halt")
+    run(root, host, port, reports, console=mount)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def fleet_row(row: dict[str, Any], cutoff: str) -> dict[str, Any]:
     }
 
 
-def _counts_by_version(agents: Iterable[dict[str, Any]]) -> dict[str, int]:
+def counts_by_version(agents: Iterable[dict[str, Any]]) -> dict[str, int]:
     counts = Counter(a["version"] for a in agents)
     return {v: counts[v] for v in sorted(counts, key=lambda v: _version_key(v or ""))}
 
@@ -296,7 +296,7 @@ def fleet_view(
         (v for v in (fleet_row(r, cutoff) for r in rows) if where.matches(v)),
         key=lambda a: a["agent_id"] or "",
     )
-    return {"agents": agents, "versions": _counts_by_version(agents)}
+    return {"agents": agents, "versions": counts_by_version(agents)}
 
 
 def read_fleet(
