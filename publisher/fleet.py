@@ -321,8 +321,9 @@ def decode_cursor(cursor: str) -> str:
     try:
         if len(cursor) > 512:
             raise ValueError("too long")
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
-    except (ValueError, binascii.Error):
+        padded = (cursor + "=" * (-len(cursor) % 4)).encode("ascii")
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
+    except (ValueError, binascii.Error, UnicodeError):
         raise Refused("cursor: not a cursor this server returned") from None
 
 

@@ -29,7 +29,7 @@ from agent.manifest import (
 )
 from agent.manifest import verify_envelope as verify_signatures
 from publisher import release as publishing
-from publisher.errors import PublishError, Refused
+from publisher.errors import PublishError, Refused, VerificationFailed
 from publisher.stores import MANIFEST_KEY, Store, Versioned, archive_key
 
 
@@ -135,15 +135,24 @@ def steer(
         raise SerialMoved(expect_serial, live)
     if live.rollout.percent == percent:
         return Steered("unchanged", live.version, percent, live.serial, live.serial)
-    outcome = publishing.resign(
-        _SerialGuard(store, expect_serial),  # type: ignore[arg-type]  # a Store by delegation
-        signers,
-        percent=percent,
-        expires_in=expires_in,
-        trusted=trusted,
-        invalidate=invalidate,
-        now=now,
-    )
+    try:
+        outcome = publishing.resign(
+            _SerialGuard(store, expect_serial),  # type: ignore[arg-type]  # a Store by delegation
+            signers,
+            percent=percent,
+            expires_in=expires_in,
+            trusted=trusted,
+            invalidate=invalidate,
+            now=now,
+        )
+    except (Refused, VerificationFailed, SerialMoved):
+        raise
+    except PublishError:
+        # Lost a race to another publish (it claimed the next serial, or swapped manifest.json
+        # under us): the release the operator saw is being replaced, which is a 412, not a retry.
+        if max(publishing.archived_serials(store), default=0) > expect_serial:
+            raise SerialMoved(expect_serial, _decode(store.read_versioned(MANIFEST_KEY).data)) from None
+        raise
     return Steered("published", outcome.manifest.version, percent, live.serial, outcome.manifest.serial)
 
 

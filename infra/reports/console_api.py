@@ -104,6 +104,10 @@ def problem(
 
 
 def etag_of(body: dict[str, Any]) -> str:
+    """A digest of what the body says; when a summary was computed is not part of it."""
+    summary = body.get("summary")
+    if isinstance(summary, dict) and "computed_at" in summary:
+        body = {**body, "summary": {k: v for k, v in summary.items() if k != "computed_at"}}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     return f'"{digest.hexdigest()[:32]}"'
 
@@ -338,6 +342,8 @@ class ConsoleAPI:
     def _reports(self, what: Callable[[], Any]) -> Any:
         try:
             return what()
+        except Refused:
+            raise
         except (StoreError, PublishError) as exc:
             LOG.error("reports store failed: %s", exc)
             raise _Problem(503, "unavailable", "the reports store is unavailable; retry") from None

@@ -48,6 +48,7 @@ from .validation import (
     NULLABLE,
     STREAM_TIME_DIGITS,
     stream_time_ms,
+    valid_agent_id,
 )
 
 if TYPE_CHECKING:
@@ -548,6 +549,8 @@ class SQLiteStore(ReportStore):
             + "".join(f" AND {c}" for c in clauses)
             + " ORDER BY agent_id LIMIT ?"
         )
+        if after is not None and not valid_agent_id(after):
+            raise ValueError(f"not a scan position of this store: {after[:40]!r}")
         position = after or ""
         while True:
             rows = self._query(sql, (position, *args, page_size))
