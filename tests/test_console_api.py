@@ -196,7 +196,7 @@ def test_two_operators_halting_the_same_serial_sign_once(site: Site) -> None:
     assert sorted(results) == [200, 412]
     assert (site.live().serial, site.live().rollout.percent) == (3, 0)
     audit = site.call("GET", "/v1/releases", VIEWER).json()["audit"]
-    assert [(e["action"], e["serial_before"], e["serial_after"]) for e in audit][0] == ("halt", 2, 3)
+    assert (audit[0]["action"], audit[0]["serial_before"], audit[0]["serial_after"]) == ("halt", 2, 3)
     assert [e["action"] for e in audit] == ["halt", "rollout"]  # the loser signed nothing live
     # The loser may have archived the serial after (the publisher archives before it swaps
     # manifest.json, and the swap is what refused it): such an envelope is never the live one.

@@ -9,7 +9,8 @@ everyone (fail closed). Configuration (environment), read once per container:
 - `AVIKA_STORE`: the release store (`s3://bucket/prefix`); without it the console shows the fleet
   but no release, and cannot act;
 - `AVIKA_KMS_KEY_ID`: the KMS key that signs (`rollout`, `halt`); without it the console is
-  read-only (actions answer 503);
+  read-only (actions answer 503). `AVIKA_SIGNING_KEY` (a key file) does the same when the handler
+  runs outside AWS (tests, a local run); in AWS the key never leaves KMS;
 - `AVIKA_PUBLIC_KEYS`: further keys the live manifest may be signed with (after a rotation);
 - `AVIKA_CLOUDFRONT_DISTRIBUTION_ID`: the distribution whose `/<prefix>/manifest.json` is
   invalidated after an action;
@@ -43,10 +44,9 @@ def _releases() -> Releases | None:
     url = os.environ.get("AVIKA_STORE")
     if not url:
         return None
-    if not url.startswith("s3://"):
-        raise ConfigError(f"AVIKA_STORE must be an s3:// URL in AWS, not {url!r}")
     store = open_store(url)
-    kms_key_id = os.environ.get("AVIKA_KMS_KEY_ID")
+    kms_key_ids = tuple(k for k in [os.environ.get("AVIKA_KMS_KEY_ID", "")] if k)
+    key_files = tuple(k for k in [os.environ.get("AVIKA_SIGNING_KEY", "")] if k)
     try:
         public_keys = parse_public_keys(os.environ.get("AVIKA_PUBLIC_KEYS", ""))
     except ValueError as exc:
@@ -59,7 +59,7 @@ def _releases() -> Releases | None:
         invalidate = CloudFrontInvalidator(distribution, getattr(store, "prefix", ""), note=LOG.warning)
     return Releases(
         store,
-        signers=(lambda: load_signers((), (kms_key_id,))) if kms_key_id else None,
+        signers=(lambda: load_signers(key_files, kms_key_ids)) if key_files or kms_key_ids else None,
         public_keys=public_keys,
         invalidate=invalidate,
     )
