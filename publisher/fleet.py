@@ -580,6 +580,7 @@ def summarize(done: FleetPass, live: Manifest | None) -> dict[str, Any]:
         "update_available": available,
         "by_mode": {m: by_mode[m] for m in MODES if by_mode[m]},
         "failures": done.counts["failures"],
+        "containers_to_roll": done.counts["update_available"],
         "stale_after_s": int(done.stale_after.total_seconds()),
         "computed_at": done.computed_at,
         "rollout": rollout,
