@@ -585,5 +585,39 @@ def serve(
     run(root, host, port, reports, console=mount)
 
 
+@main.command("console-upload")
+@click.option(
+    "--store",
+    envvar="AVIKA_STORE",
+    required=True,
+    metavar="s3://BUCKET[/PREFIX]",
+    help="The release store's bucket; the page goes to console/ at its root (env AVIKA_STORE).",
+)
+@click.option("--endpoint-url", metavar="URL", help="S3-compatible endpoint (AWS_ENDPOINT_URL works too).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@json_option
+def console_upload(store: str, endpoint_url: str | None, dry_run: bool, as_json: bool) -> None:
+    """Upload the web console's page to console/ in the bucket, for CloudFront to serve."""
+    if not store.lower().startswith("s3://"):
+        raise click.BadParameter(
+            f"{store!r} is not an s3:// store; `avika-publish serve --console` serves the page itself",
+            param_hint="--store",
+        )
+    from publisher.console_upload import upload_console
+    from publisher.s3store import S3Store
+
+    target = S3Store.from_url(store, endpoint_url=endpoint_url)
+    done = upload_console(target.client, target.bucket, dry_run=dry_run)
+    if as_json:
+        _print_json({"bucket": target.bucket, "dry_run": dry_run, "files": [u.to_json() for u in done]})
+        return
+    verb = "would upload" if dry_run else "uploaded"
+    for item in done:
+        click.echo(f"{verb} s3://{target.bucket}/{item.key}  {item.content_type}  {item.size} bytes")
+    click.echo(
+        "the console is at https://<your CloudFront domain>/console/ (CloudFront sends /v1/* to the API)"
+    )
+
+
 if __name__ == "__main__":
     main()
