@@ -37,12 +37,7 @@ updating, about to, or failed to), ``behind`` (not in the wave yet). A host agen
 ``fnv1a32(salt + agent_id) % 100``; a Kubernetes workload (``k8s/<cluster>/<ns>/<kind>/<name>``)
 uses the controller's ``fnv1a32(salt + cluster/ns/name)`` (section 10).
 
-Summary (``/v1/fleet``): whole-fleet counts (``total``, ``by_version``, ``by_state``, ``by_mode``,
-``stale``, ``update_available``, ``failures``), the rollout progress and short lists that need a
-person (silent agents, oldest first; failures, newest first; containers with an update
-available). It is computed from one pass over ``scan_all()``; :class:`SummaryCache` keeps that
-pass for the store's ``summary_ttl`` (DynamoDB: 60 s), so polling consoles do not read the whole
-fleet every 5 s; a new rollout percent re-renders the cached pass without reading again.
+The whole-fleet summary of ``/v1/fleet`` is ``publisher/fleet_summary.py``, over these rules.
 
 Canary (``avika-publish canary VERSION``): over the agents whose latest attempt at VERSION has ended
 (``committed``, ``failed``, ``rolled_back``); attempts still in progress are listed apart and not
@@ -58,9 +53,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import heapq
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -100,7 +92,6 @@ FLEET_FIELDS = (
 HISTORY_FIELDS = ("time", "received", "state", "version", "target_version", "failed_state", "error")
 DEFAULT_STALE_AFTER = timedelta(hours=3)
 MAX_HISTORY_EVENTS = 200  # /v1/agents/{id}: the newest are kept
-ATTENTION_ROWS = 25  # per list in the summary
 PROGRESS = ("on_live", "in_wave", "behind", "ahead")
 
 # One colour per kind of state, the same in the CLI table and on the page (publisher/console/
@@ -464,159 +455,6 @@ def progress_position(version: str, bucket: int | None, live: Manifest) -> str:
     return "behind"
 
 
-class _Desc:
-    """Reverses the order of a key (a max-heap out of ``heapq``'s min-heap)."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: Any) -> None:
-        self.key = key
-
-    def __lt__(self, other: _Desc) -> bool:
-        return self.key > other.key
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Desc) and self.key == other.key
-
-
-class _Top:
-    """The ``n`` rows with the lowest keys (``largest``: the highest), kept while streaming."""
-
-    def __init__(self, n: int, *, largest: bool = False) -> None:
-        self.n = n
-        self.largest = largest
-        self.count = 0
-        self._heap: list[tuple[Any, int, dict[str, Any]]] = []  # the root is the first to leave
-
-    def offer(self, key: Any, row: dict[str, Any]) -> None:
-        self.count += 1
-        item = (key if self.largest else _Desc(key), self.count, row)
-        if len(self._heap) < self.n:
-            heapq.heappush(self._heap, item)
-        elif item[0] > self._heap[0][0] if self.largest else item[0].key < self._heap[0][0].key:
-            heapq.heapreplace(self._heap, item)
-
-    def rows(self) -> list[dict[str, Any]]:
-        def key(item: tuple[Any, int, dict[str, Any]]) -> Any:
-            return item[0] if self.largest else item[0].key
-
-        return [row for *_, row in sorted(self._heap, key=key, reverse=self.largest)]
-
-
-@dataclass
-class FleetPass:
-    """One pass over the whole fleet: counts grouped so any rollout percent can be rendered."""
-
-    computed_at: str
-    stale_after: timedelta
-    groups: Counter[tuple[Any, ...]]  # (mode, version, state, stale, update_available, bucket)
-    attention: dict[str, list[dict[str, Any]]]
-    counts: dict[str, int]
-
-
-def fleet_pass(
-    rows: Iterable[dict[str, Any]],
-    *,
-    now: datetime | float,
-    stale_after: timedelta = DEFAULT_STALE_AFTER,
-    live: Manifest | None = None,
-) -> FleetPass:
-    """Everything the summary needs, from one streaming pass (memory bounded by the groups)."""
-    cutoff = stale_cutoff(now, stale_after)
-    groups: Counter[tuple[Any, ...]] = Counter()
-    silent, containers = _Top(ATTENTION_ROWS), _Top(ATTENTION_ROWS)
-    failing = _Top(ATTENTION_ROWS, largest=True)
-    for row in rows:
-        view = fleet_row(row, cutoff)
-        version = view["version"] or ""
-        bucket = None
-        if live is not None and not same_version(version, live.version):
-            bucket = wave_bucket(view["agent_id"], live.rollout.salt)
-        groups[(view["mode"], version, view["state"], view["stale"], view["update_available"], bucket)] += 1
-        if view["stale"]:
-            silent.offer(view["last_seen"] or "", view)
-        if view["state"] in FAILURES:
-            failing.offer(view["last_change"] or "", view)
-        if view["update_available"] and view["mode"] == "container":
-            containers.offer(view["agent_id"], view)
-    return FleetPass(
-        computed_at=rfc3339_ms(_epoch(now)),
-        stale_after=stale_after,
-        groups=groups,
-        attention={"stale": silent.rows(), "failures": failing.rows(), "update_available": containers.rows()},
-        counts={"stale": silent.count, "failures": failing.count, "update_available": containers.count},
-    )
-
-
-def summarize(done: FleetPass, live: Manifest | None) -> dict[str, Any]:
-    """The ``summary`` object of ``/v1/fleet`` from a pass (cheap: over the groups only)."""
-    by_version: Counter[str] = Counter()
-    by_state: Counter[str] = Counter()
-    by_mode: Counter[str] = Counter()
-    progress: dict[str, Counter[str]] = {}
-    total = stale = available = 0
-    for (mode, version, state, is_stale_, is_available, bucket), n in done.groups.items():
-        total += n
-        by_version[version] += n
-        by_state[state or "-"] += n
-        by_mode[mode] += n
-        stale += n if is_stale_ else 0
-        available += n if is_available else 0
-        if live is not None:
-            progress.setdefault(mode, Counter())[progress_position(version, bucket, live)] += n
-    rank = {s: i for i, s in enumerate(STATES)}
-    rollout = None
-    if live is not None:
-        rollout = {
-            "version": live.version,
-            "percent": live.rollout.percent,
-            **{mode: {k: progress.get(mode, Counter())[k] for k in PROGRESS} for mode in MODES},
-        }
-    return {
-        "total": total,
-        "by_version": {v: by_version[v] for v in sorted(by_version, key=_version_key)},
-        "by_state": {s: by_state[s] for s in sorted(by_state, key=lambda s: (rank.get(s, len(rank)), s))},
-        "stale": stale,
-        "update_available": available,
-        "by_mode": {m: by_mode[m] for m in MODES if by_mode[m]},
-        "failures": done.counts["failures"],
-        "containers_to_roll": done.counts["update_available"],
-        "stale_after_s": int(done.stale_after.total_seconds()),
-        "computed_at": done.computed_at,
-        "rollout": rollout,
-        "attention": done.attention,
-    }
-
-
-class SummaryCache:
-    """Reuse a whole-fleet pass for ``ttl`` seconds (per stale-after and live version and salt).
-
-    With ``ttl`` 0 every call makes a new pass. Concurrent callers for the same key wait for one
-    pass instead of each reading the fleet.
-    """
-
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.time) -> None:
-        self.ttl = ttl
-        self.clock = clock
-        self.passes = 0  # how many whole-fleet reads were made (benchmarks, tests)
-        self._lock = threading.Lock()
-        self._cached: dict[tuple[Any, ...], tuple[float, FleetPass]] = {}
-
-    def summary(self, store: ReportStore, *, stale_after: timedelta, live: Manifest | None) -> dict[str, Any]:
-        key = (stale_after, None if live is None else (live.version, live.rollout.salt))
-        with self._lock:
-            now = self.clock()
-            hit = self._cached.get(key)
-            if hit is None or now - hit[0] >= self.ttl or self.ttl <= 0:
-                done = fleet_pass(
-                    _reading(lambda: iter(store.scan_all())), now=now, stale_after=stale_after, live=live
-                )
-                self.passes += 1
-                self._cached = {k: v for k, v in self._cached.items() if now - v[0] < self.ttl}
-                self._cached[key] = hit = (now, done)
-        return summarize(hit[1], live)
-
-
 # ---------------------------------------------------------------- text
 
 
@@ -772,6 +610,54 @@ def format_agent(history: dict[str, Any], *, now: datetime | float, colour: bool
 # ---------------------------------------------------------------- canary
 
 
+def canary_exit_code(ended: int, failures: int, *, max_failure_rate: float, min_agents: int) -> int:
+    """The canary rule (module docstring): hold below ``min_agents`` ended attempts, checked first."""
+    if ended < min_agents:  # checked first: too little data never passes
+        return EXIT_HOLD
+    if failures / ended > max_failure_rate:
+        return EXIT_FAIL
+    return EXIT_PASS
+
+
+def canary_view(
+    store: ReportStore, version: str, *, max_failure_rate: float, min_agents: int, rows: int = 50
+) -> dict[str, Any]:
+    """``canary --json`` for the console: the same verdict, its lists cut to ``rows`` each.
+
+    A store that aggregates (SQLite) counts in SQL; any other reads the version's outcomes once.
+    ``failures_total`` / ``in_progress_total`` say how many the cut lists stand for.
+    """
+    if store.aggregates:
+        counts = _reading(lambda: store.outcome_counts(version))  # type: ignore[attr-defined]
+        failing = _reading(lambda: store.outcomes_in(version, FAILURES, rows))  # type: ignore[attr-defined]
+        busy = _reading(lambda: store.outcomes_in(version, IN_PROGRESS, rows))  # type: ignore[attr-defined]
+    else:
+        outcomes = sorted(read_outcomes(store, version), key=lambda o: o.get("agent_id") or "")
+        counts = dict(Counter(str(o.get("state")) for o in outcomes))
+        failing = [o for o in outcomes if o.get("state") in FAILURES][:rows]
+        busy = [o for o in outcomes if o.get("state") in IN_PROGRESS][:rows]
+    ended = sum(counts.get(s, 0) for s in ENDED)
+    failed = sum(counts.get(s, 0) for s in FAILURES)
+    code = canary_exit_code(ended, failed, max_failure_rate=max_failure_rate, min_agents=min_agents)
+    return {
+        "version": version,
+        "verdict": VERDICTS[code],
+        "exit_code": code,
+        "ended": ended,
+        "committed": counts.get("committed", 0),
+        "failed": counts.get("failed", 0),
+        "rolled_back": counts.get("rolled_back", 0),
+        "failure_rate": round(failed / ended, 6) if ended else 0.0,
+        "max_failure_rate": max_failure_rate,
+        "min_agents": min_agents,
+        "failures": [_outcome(o) for o in failing],
+        "in_progress": [_outcome(o) for o in busy],
+        "failures_total": failed,
+        "in_progress_total": sum(counts.get(s, 0) for s in IN_PROGRESS),
+        "halt": None,
+    }
+
+
 @dataclass
 class Halt:
     """What ``--halt`` did: ``halted`` (re-signed at 0), ``already_halted`` or ``dry_run``."""
@@ -804,11 +690,12 @@ class CanaryReport:
 
     @property
     def exit_code(self) -> int:
-        if len(self.ended) < self.min_agents:  # checked first: too little data never passes
-            return EXIT_HOLD
-        if self.failure_rate > self.max_failure_rate:
-            return EXIT_FAIL
-        return EXIT_PASS
+        return canary_exit_code(
+            len(self.ended),
+            len(self.failures),
+            max_failure_rate=self.max_failure_rate,
+            min_agents=self.min_agents,
+        )
 
     @property
     def verdict(self) -> str:

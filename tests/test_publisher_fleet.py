@@ -631,3 +631,15 @@ def test_states_are_coloured_on_a_terminal(sqlite_fleet: Fleet) -> None:
     assert f"\x1b[{ansi['warn']}mupdate_available\x1b[0m" in text
     assert f"\x1b[{ansi['busy']}mdownloading\x1b[0m" in text
     assert re.search(f"\x1b\\[{ansi['stale']}m4h0\\dm ago, SILENT\x1b\\[0m", text), text
+
+
+def test_the_consoles_canary_is_the_clis_verdict_with_short_lists(any_fleet: Fleet) -> None:
+    """``canary_view`` (the console's; SQL counts on SQLite) agrees with ``canary --json``."""
+    canary_fleet(any_fleet, committed=8, failed=1, rolled_back=2, in_progress=3)
+    for rate, minimum in (("0.1", "10"), ("0.5", "10"), ("0.5", "12")):
+        _, cli_report = canary(any_fleet, "--max-failure-rate", rate, "--min-agents", minimum)
+        view = fleet.canary_view(any_fleet.store, "0.1.44", max_failure_rate=float(rate), min_agents=int(minimum))
+        assert {k: view[k] for k in cli_report} == cli_report
+    short = fleet.canary_view(any_fleet.store, "0.1.44", max_failure_rate=0.1, min_agents=1, rows=1)
+    assert len(short["failures"]) == 1 and short["failures_total"] == 3
+    assert len(short["in_progress"]) == 1 and short["in_progress_total"] == 3

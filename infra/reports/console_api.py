@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, unquote
 
 from agent.config import parse_duration
 from agent.manifest import Manifest, PublicKey, Signer
-from publisher import fleet, steer
+from publisher import fleet, fleet_summary, steer
 from publisher import release as publishing
 from publisher.errors import PublishError, Refused, VerificationFailed
 from publisher.stores import Store
@@ -273,7 +273,7 @@ class ConsoleAPI:
         self.reports = reports
         self.releases = releases
         self.clock = clock
-        self.summaries = fleet.SummaryCache(ttl, clock)
+        self.summaries = fleet_summary.SummaryCache(ttl, clock)
         self._slow = _TimedCache(ttl, clock)  # history and canary: full reads of their own
 
     # -- dispatch
@@ -422,14 +422,15 @@ class ConsoleAPI:
         history = self._slow.get(("history", serial), self._history)
         canary = None
         if live is not None:
-            outcomes = self._slow.get(
-                ("outcomes", live.version),
-                lambda: self._reports(lambda: fleet.read_outcomes(self.reports, live.version)),
+            version = live.version
+            canary = self._slow.get(
+                ("canary", version, max_rate, min_agents),
+                lambda: self._reports(
+                    lambda: fleet.canary_view(
+                        self.reports, version, max_failure_rate=max_rate, min_agents=min_agents
+                    )
+                ),
             )
-            report = fleet.evaluate_canary(
-                live.version, outcomes, max_failure_rate=max_rate, min_agents=min_agents
-            )
-            canary = report.to_json()
         audit = self._reports(lambda: self.reports.audit(AUDIT_ENTRIES))
         return Answer(
             200,

@@ -213,6 +213,9 @@ class Where(NamedTuple):
     state: str | None = None
     mode: str | None = None
     seen_before: str | None = None  # last_seen < this (RFC 3339 with ms, as stored: sorts as text)
+    states: tuple[str, ...] | None = None  # state is one of these
+    not_states: tuple[str, ...] = ()  # state is none of these
+    target_differs: bool = False  # target_version is set and is not, as text, the version
 
 
 ANYWHERE = Where()
@@ -229,6 +232,9 @@ class ReportStore(ABC):
     ttl_seconds: int = DEFAULT_TTL_SECONDS
     summary_ttl: float = 0.0
     scan_budget: int | None = None
+    # SQLite answers the summary's questions in SQL (`count_groups`, `agent_versions`, `first`);
+    # a store without them is summarised from one pass over `scan_all`.
+    aggregates: bool = False
 
     @staticmethod
     def from_url(url: str, *, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> ReportStore:
@@ -321,16 +327,19 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_expiry ON events (expires_at);
 CREATE TABLE IF NOT EXISTS agent_state (
     agent_id TEXT PRIMARY KEY, stream TEXT NOT NULL, stream_key TEXT NOT NULL, seq INTEGER NOT NULL,
-    last_seen TEXT NOT NULL, data TEXT NOT NULL);
+    last_seen TEXT NOT NULL, data TEXT NOT NULL,
+    mode TEXT, platform TEXT, version TEXT, state TEXT, target_version TEXT, failed_state TEXT,
+    error TEXT, image TEXT, in_wave INTEGER, last_result TEXT, last_change TEXT);
 CREATE TABLE IF NOT EXISTS version_outcomes (
     version TEXT NOT NULL, agent_id TEXT NOT NULL,
     stream TEXT NOT NULL, stream_key TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL,
-    PRIMARY KEY (version, agent_id)) WITHOUT ROWID;
+    state TEXT, PRIMARY KEY (version, agent_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, data TEXT NOT NULL);
 """
 # agent_state columns beside `data` (the winning event's record), so the fleet view filters, pages
-# and summarises in SQL without decoding JSON; added to older databases on open (`_migrate`).
+# and summarises in SQL without decoding JSON (and version_outcomes.state for the canary's counts);
+# databases made before them get them on open (`_migrate`).
 # `last_change` is the winning event's receive time; `last_result` is sticky (STICKY_FIELDS).
 _STATE_COLUMNS = (
     "mode",
@@ -358,6 +367,17 @@ _UPSERT_STATE = (
         for c in _STATE_COLUMNS
     )
 )
+
+
+# What the console's summary asks (`count_groups`, `first`): answered from indexes, not a sort of
+# every row. Made after the columns exist (`_migrate`).
+_STATE_INDEXES = """
+CREATE INDEX IF NOT EXISTS agent_state_groups
+    ON agent_state (mode, version, state, target_version, last_seen);
+CREATE INDEX IF NOT EXISTS agent_state_seen ON agent_state (last_seen);
+CREATE INDEX IF NOT EXISTS agent_state_changes ON agent_state (state, last_change);
+CREATE INDEX IF NOT EXISTS version_outcome_states ON version_outcomes (version, state);
+"""
 
 
 def _state_values(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -388,6 +408,7 @@ class SQLiteStore(ReportStore):
             self._db.execute("PRAGMA synchronous=FULL")  # a 202 means the events survive a power cut
             self._db.executescript(_SCHEMA)
             self._migrate()
+            self._db.executescript(_STATE_INDEXES)
 
     def _migrate(self) -> None:
         """Add the state columns to a database made before them, filled from each row's record."""
@@ -396,22 +417,26 @@ class SQLiteStore(ReportStore):
         self._db.execute("BEGIN IMMEDIATE")
         try:
             missing = self._missing_columns()  # another process may have migrated meanwhile
-            for column in missing:
-                self._db.execute(f"ALTER TABLE agent_state ADD COLUMN {column}")
-            if missing:
+            for table, column in missing:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            for table in sorted({t for t, _ in missing}):
                 sets = ", ".join(
                     f"{c} = json_extract(data, '$.{'received_at' if c == 'last_change' else c}')"
-                    for c in missing
+                    for t, c in missing
+                    if t == table
                 )
-                self._db.execute(f"UPDATE agent_state SET {sets}")
+                self._db.execute(f"UPDATE {table} SET {sets}")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
-    def _missing_columns(self) -> list[str]:
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(agent_state)")}
-        return [c for c in _STATE_COLUMNS if c not in have]
+    def _missing_columns(self) -> list[tuple[str, str]]:
+        missing = []
+        for table, columns in (("agent_state", _STATE_COLUMNS), ("version_outcomes", ("state",))):
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing += [(table, c) for c in columns if c not in have]
+        return missing
 
     def close(self) -> None:
         with self._lock:
@@ -489,8 +514,16 @@ class SQLiteStore(ReportStore):
                 pos = pinned(cand.position, old)
                 db.execute(
                     "INSERT OR REPLACE INTO version_outcomes"
-                    " (version, agent_id, stream, stream_key, seq, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (version, agent_id, pos.stream, pos.stream_key, pos.seq, json.dumps(cand.record)),
+                    " (version, agent_id, stream, stream_key, seq, data, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        version,
+                        agent_id,
+                        pos.stream,
+                        pos.stream_key,
+                        pos.seq,
+                        json.dumps(cand.record),
+                        cand.record["state"],
+                    ),
                 )
         return accepted
 
@@ -533,9 +566,8 @@ class SQLiteStore(ReportStore):
         )
         return self._full(*rows[0]) if rows else None
 
-    def scan(
-        self, after: str | None = None, where: Where = ANYWHERE, page_size: int = 1000
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    @staticmethod
+    def _where(where: Where) -> tuple[list[str], list[Any]]:
         clauses, args = [], []
         for column, value in (("state", where.state), ("mode", where.mode)):
             if value is not None:
@@ -544,6 +576,20 @@ class SQLiteStore(ReportStore):
         if where.seen_before is not None:
             clauses.append("last_seen < ?")
             args.append(where.seen_before)
+        if where.states is not None:
+            clauses.append(f"state IN ({', '.join('?' * len(where.states))})" if where.states else "0")
+            args.extend(where.states)
+        if where.not_states:
+            clauses.append(f"state NOT IN ({', '.join('?' * len(where.not_states))})")
+            args.extend(where.not_states)
+        if where.target_differs:
+            clauses.append("target_version IS NOT NULL AND target_version <> version")
+        return clauses, args
+
+    def scan(
+        self, after: str | None = None, where: Where = ANYWHERE, page_size: int = 1000
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        clauses, args = self._where(where)
         sql = (
             f"SELECT {', '.join(_SCAN_COLUMNS)} FROM agent_state WHERE agent_id > ?"
             + "".join(f" AND {c}" for c in clauses)
@@ -559,6 +605,55 @@ class SQLiteStore(ReportStore):
             if len(rows) < page_size:
                 return
             position = rows[-1][0]
+
+    aggregates = True
+
+    def count_groups(self, seen_before: str) -> list[tuple[Any, ...]]:
+        """(mode, version, state, target_version, agents, of them last seen before) for the fleet."""
+        return self._query(
+            "SELECT mode, version, state, target_version, count(*), sum(last_seen < ?) FROM agent_state"
+            " GROUP BY mode, version, state, target_version",
+            (seen_before,),
+        )
+
+    def agent_versions(self, excluding: Sequence[str] = ()) -> Iterator[tuple[str, str, str]]:
+        """(agent_id, mode, version) of every agent whose version is none of ``excluding``."""
+        marks = ", ".join("?" * len(excluding))
+        sql = "SELECT agent_id, mode, version FROM agent_state" + (
+            f" WHERE version NOT IN ({marks})" if marks else ""
+        )
+        yield from self._query(sql, tuple(excluding))
+
+    _ORDERS = {"last_seen": "last_seen", "-last_change": "last_change DESC", "agent_id": "agent_id"}
+
+    def first(self, where: Where, order: str, limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` rows matching ``where`` in ``order`` (see ``_ORDERS``)."""
+        clauses, args = self._where(where)
+        sql = (
+            f"SELECT {', '.join(_SCAN_COLUMNS)} FROM agent_state"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + f" ORDER BY {self._ORDERS[order]}, agent_id LIMIT ?"
+        )
+        return [
+            state_row({name: values[i] for i, name in enumerate(_SCAN_COLUMNS)})
+            for values in self._query(sql, (*args, limit))
+        ]
+
+    def outcome_counts(self, version: str) -> dict[str, int]:
+        """Agents per state of their latest attempt at ``version`` (the canary's counts, in SQL)."""
+        rows = self._query(
+            "SELECT state, count(*) FROM version_outcomes WHERE version = ? GROUP BY state", (version,)
+        )
+        return {state: n for state, n in rows}
+
+    def outcomes_in(self, version: str, states: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` outcomes at ``version`` in one of ``states``, by agent id."""
+        rows = self._query(
+            "SELECT data FROM version_outcomes WHERE version = ?"
+            f" AND state IN ({', '.join('?' * len(states))}) ORDER BY agent_id LIMIT ?",
+            (version, *states, limit),
+        )
+        return [public_record(json.loads(data)) for (data,) in rows]
 
     def version_outcomes(self, version: str) -> list[dict[str, Any]]:
         rows = self._query(
