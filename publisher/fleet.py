@@ -262,7 +262,16 @@ class FleetFilter:
             raise Refused("version must be 1-64 characters")
 
     def where(self, cutoff: str) -> Where:
-        return Where(state=self.state, mode=self.mode, seen_before=cutoff if self.stale else None)
+        """What the store may filter itself: exact fields, staleness, and for ``update_available``
+        a superset (another version as text, no install in progress) that ``matches`` narrows."""
+        available = self.update_available is True
+        return Where(
+            state=self.state,
+            mode=self.mode,
+            seen_before=cutoff if self.stale else None,
+            not_states=IN_PROGRESS if available else (),
+            target_differs=available,
+        )
 
     def matches(self, view: dict[str, Any]) -> bool:
         return (
