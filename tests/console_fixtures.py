@@ -128,6 +128,32 @@ class Site:
         self.session.close()
 
 
+def sign_plan(site: Site, steps: tuple[int, ...], percent: int, *, min_agents: int = 20) -> Manifest:
+    """Re-sign the live release with a rollout plan (what ``release --plan`` writes), at ``percent``."""
+    from dataclasses import replace
+
+    from agent.manifest import Rollout, RolloutPlan
+    from publisher import release as publishing
+    from publisher.signing import load_key_file
+    from publisher.stores import DirStore
+
+    store = DirStore(site.root)
+    current = publishing.read_current(store)
+    assert current.manifest is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    planned = replace(
+        current.manifest,
+        serial=publishing.next_serial(store, current),
+        rollout=Rollout(percent, current.manifest.rollout.salt),
+        rollout_plan=RolloutPlan(steps, "2h", "0.25", min_agents),
+        signed_at=now,
+        raw=b"",
+    )
+    manifest, envelope = publishing.sign_checked(planned, [load_key_file(site.key.path)], now)
+    publishing.publish_envelope(store, manifest, envelope, current)
+    return manifest
+
+
 def mixed_reports(site: Site) -> None:
     """A small fleet: a committed VM, a rolled-back VM, one mid-update, a container, a silent one."""
     for state in ("downloading", "verifying", "staged", "restarting"):

@@ -31,6 +31,7 @@ from console_fixtures import (
     Site,
     mixed_reports,
     release,
+    sign_plan,
     start_site,
 )
 
@@ -439,3 +440,19 @@ def test_serve_console_needs_a_reports_store(tmp_path: Path) -> None:
     env = {"AVIKA_CONSOLE_TOKENS": f"ops:operate:{OPERATE_SECRET}"}
     done = cli("serve", "--root", str(root), "--port", "0", "--console", env=env)
     assert done.exit_code == 2 and "--reports" in done.stderr
+
+
+def test_the_canary_takes_the_release_plans_thresholds(site: Site) -> None:
+    sign_plan(site, (10, 25, 50, 100), 25, min_agents=2)
+    body = json_of(site.call("GET", "/v1/releases", VIEWER))
+    assert body["live"]["rollout_plan"] == {
+        "steps": [10, 25, 50, 100],
+        "soak": "2h",
+        "max_failure_rate": "0.25",
+        "min_agents": 2,
+    }
+    assert body["live"]["signed_at"].endswith("Z")
+    canary = body["canary"]
+    assert (canary["min_agents"], canary["max_failure_rate"]) == (2, 0.25)
+    assert canary["verdict"] == "fail"  # 1 of 2 ended rolled back: 50 % > 25 %
+    assert json_of(site.call("GET", "/v1/releases?min_agents=5", VIEWER))["canary"]["verdict"] == "hold"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from console_fixtures import OPERATE_SECRET, READ_SECRET, Site, release, start_site
+from console_fixtures import OPERATE_SECRET, READ_SECRET, Site, release, sign_plan, start_site
 
 from agent.events import Origin
 from agent.reports import QueueSink
@@ -313,6 +313,19 @@ def test_polling_sends_if_none_match_and_picks_up_new_reports(
     site.report("host-10", "update_available", target_version="0.1.44")
     wait_for(lambda: css(browser, "[data-agent-id='host-10']"), message="the new agent without a reload")
     assert any(path == "/v1/releases" and status == 304 for path, status, _ in seen)
+
+
+def test_the_release_card_shows_the_rollout_plan(browser: Any, site: Site, tmp_path: Path) -> None:
+    manifest = sign_plan(site, (1, 10, 25, 50, 100), 25)
+    sign_in(browser, site, READ_SECRET)
+    plan = wait_for(lambda: css(browser, "[data-role=rollout-plan] li"), message="the plan's steps")
+    assert [li.text for li in plan] == ["1 %", "10 %", "25 %", "50 %", "100 %"]
+    assert [li.get_attribute("class") for li in plan] == ["done", "done", "current", "", ""]
+    assert manifest.signed_at is not None
+    due = (manifest.signed_at.timestamp() + 2 * 3600) % 86400
+    expected = f"next: 50 % at {int(due // 3600):02d}:{int(due % 3600 // 60):02d} UTC if healthy"
+    assert expected in text_of(browser, "[data-role=rollout-plan]")
+    shot(browser, tmp_path, "console-plan.png", keep=True)
 
 
 def test_the_page_and_the_cli_colour_states_alike() -> None:

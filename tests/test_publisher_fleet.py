@@ -638,7 +638,9 @@ def test_the_consoles_canary_is_the_clis_verdict_with_short_lists(any_fleet: Fle
     canary_fleet(any_fleet, committed=8, failed=1, rolled_back=2, in_progress=3)
     for rate, minimum in (("0.1", "10"), ("0.5", "10"), ("0.5", "12")):
         _, cli_report = canary(any_fleet, "--max-failure-rate", rate, "--min-agents", minimum)
-        view = fleet.canary_view(any_fleet.store, "0.1.44", max_failure_rate=float(rate), min_agents=int(minimum))
+        view = fleet.canary_view(
+            any_fleet.store, "0.1.44", max_failure_rate=float(rate), min_agents=int(minimum)
+        )
         assert {k: view[k] for k in cli_report} == cli_report
     short = fleet.canary_view(any_fleet.store, "0.1.44", max_failure_rate=0.1, min_agents=1, rows=1)
     assert len(short["failures"]) == 1 and short["failures_total"] == 3

@@ -411,13 +411,17 @@ class ConsoleAPI:
 
     def _releases(self, request: Request, q: Query, principal: Principal) -> Answer:
         _check_params(q, RELEASES_PARAMS)
-        max_rate = _rate(q, "max_failure_rate", DEFAULT_MAX_FAILURE_RATE)
-        min_agents = _int(q, "min_agents", DEFAULT_MIN_AGENTS, 1, 1_000_000)
         if self.releases is None:
             raise _Problem(503, "not_configured", "this console has no release store")
         live, verified, release_error = self._live()
         if release_error:
             raise _Problem(503, "unavailable", release_error)
+        # The canary's thresholds: the query's, else the release's own plan's, else DESIGN's defaults.
+        plan = None if live is None else live.rollout_plan
+        max_rate = _rate(
+            q, "max_failure_rate", float(plan.max_failure_rate) if plan else DEFAULT_MAX_FAILURE_RATE
+        )
+        min_agents = _int(q, "min_agents", plan.min_agents if plan else DEFAULT_MIN_AGENTS, 1, 1_000_000)
         serial = None if live is None else live.serial
         history = self._slow.get(("history", serial), self._history)
         canary = None

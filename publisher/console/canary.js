@@ -16,7 +16,12 @@ export function renderCanary(node, canary, onAgent) {
     clear(node, el("h2", {}, "Canary"), el("p", { class: "empty" }, "No live release."));
     return;
   }
-  const [toneName, word, why] = VERDICT[canary.verdict] || ["idle", canary.verdict, ""];
+  let [toneName, word, why] = VERDICT[canary.verdict] || ["idle", canary.verdict, ""];
+  if (canary.verdict === "hold" && canary.ended > 0 && canary.failure_rate > canary.max_failure_rate) {
+    // Too few for a verdict, but what has ended looks bad: say so, at 3 a.m. this matters.
+    why = `too few ended attempts for a verdict, and ${pct(canary.failure_rate)} of them failed: look at the failures`;
+    toneName = "bad";
+  }
   const failures = canary.failures.slice(0, 5).map((f) => el("li", {},
     el("button", { type: "button", class: "link", dataset: { agentId: f.agent_id }, onclick: () => onAgent(f.agent_id) }, f.agent_id),
     el("span", { class: "muted" }, `: ${[f.failed_state, f.error].filter(Boolean).join(": ") || f.state}`)));
