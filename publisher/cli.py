@@ -23,6 +23,7 @@ from agent.manifest import Manifest, ManifestError, Signer, format_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
+from publisher import fleet_text
 from publisher import release as publishing
 from publisher.errors import PublishError
 from publisher.options import (
@@ -433,7 +434,7 @@ def fleet(
             if as_json:
                 _print_json(history)
             else:
-                click.echo(fleet_view.format_agent(history, now=now, colour=colour), nl=False)
+                click.echo(fleet_text.format_agent(history, now=now, colour=colour), nl=False)
             return
         view = fleet_view.read_fleet(store, now=now, stale_after=stale_after, where=where)
     finally:
@@ -442,7 +443,7 @@ def fleet(
         _print_json(view)
     else:
         view["filtered"] = where != fleet_view.FleetFilter()
-        click.echo(fleet_view.format_fleet(view, now=now, stale_after=stale_after, colour=colour), nl=False)
+        click.echo(fleet_text.format_fleet(view, now=now, stale_after=stale_after, colour=colour), nl=False)
 
 
 @main.command()

@@ -134,7 +134,7 @@ def open_reports(url: str | None) -> ReportStore:
         raise PublishError(f"reports store {url}: {exc}") from None
 
 
-def _reading(what: Callable[[], Any]) -> Any:
+def read_or_fail(what: Callable[[], Any]) -> Any:
     try:
         return what()
     except StoreError as exc:
@@ -143,11 +143,11 @@ def _reading(what: Callable[[], Any]) -> Any:
 
 def read_agents(store: ReportStore) -> list[dict[str, Any]]:
     """Every agent's scan row (``STATE_ROW_FIELDS``), in the store's order."""
-    return _reading(lambda: list(store.scan_all()))
+    return read_or_fail(lambda: list(store.scan_all()))
 
 
 def read_outcomes(store: ReportStore, version: str) -> list[dict[str, Any]]:
-    return _reading(lambda: store.version_outcomes(version))
+    return read_or_fail(lambda: store.version_outcomes(version))
 
 
 # ---------------------------------------------------------------- versions
@@ -169,7 +169,7 @@ def same_version(a: str | None, b: str | None) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _version_key(text: str) -> tuple[int, Any]:
+def version_key(text: str) -> tuple[int, Any]:
     try:
         return (0, parse_version(text))
     except (InvalidVersion, ValueError):
@@ -178,20 +178,20 @@ def _version_key(text: str) -> tuple[int, Any]:
 
 def _newer(a: str, b: str) -> bool:
     """``a`` is a higher version than ``b`` (unparsable versions are never newer)."""
-    ka, kb = _version_key(a), _version_key(b)
+    ka, kb = version_key(a), version_key(b)
     return ka[0] == kb[0] == 0 and ka[1] > kb[1]
 
 
 # ---------------------------------------------------------------- liveness and rows
 
 
-def _epoch(now: datetime | float) -> float:
+def epoch_seconds(now: datetime | float) -> float:
     return now.timestamp() if isinstance(now, datetime) else float(now)
 
 
 def stale_cutoff(now: datetime | float, stale_after: timedelta = DEFAULT_STALE_AFTER) -> str:
     """``last_seen`` below this (as stored: RFC 3339 with ms) is stale."""
-    return rfc3339_ms(_epoch(now) - stale_after.total_seconds())
+    return rfc3339_ms(epoch_seconds(now) - stale_after.total_seconds())
 
 
 def is_stale(row: dict[str, Any], cutoff: str) -> bool:
@@ -237,7 +237,7 @@ def fleet_row(row: dict[str, Any], cutoff: str) -> dict[str, Any]:
 
 def counts_by_version(agents: Iterable[dict[str, Any]]) -> dict[str, int]:
     counts = Counter(a["version"] for a in agents)
-    return {v: counts[v] for v in sorted(counts, key=lambda v: _version_key(v or ""))}
+    return {v: counts[v] for v in sorted(counts, key=lambda v: version_key(v or ""))}
 
 
 # ---------------------------------------------------------------- filters and pages
@@ -308,7 +308,7 @@ def read_fleet(
 ) -> dict[str, Any]:
     """``fleet --json``: every agent that passes ``where``."""
     cutoff = stale_cutoff(now, stale_after)
-    rows = _reading(lambda: [row for _, row in store.scan(where=where.where(cutoff))])
+    rows = read_or_fail(lambda: [row for _, row in store.scan(where=where.where(cutoff))])
     return fleet_view(rows, now=now, stale_after=stale_after, where=where)
 
 
@@ -392,10 +392,10 @@ def agent_history(
     Events are ordered as the agent made them ((stream, seq): a new stream per fresh queue);
     ``limit`` keeps the newest. Heartbeats are liveness, not history: they are not among them.
     """
-    latest = _reading(lambda: store.agent(agent_id))
+    latest = read_or_fail(lambda: store.agent(agent_id))
     if latest is None:
         return None
-    events = _reading(lambda: store.agent_events(agent_id))
+    events = read_or_fail(lambda: store.agent_events(agent_id))
     events.sort(key=lambda e: (str(e.get("stream", "")).lower(), e.get("seq", 0)))
     if limit is not None:
         events = events[-limit:] if limit else []
@@ -490,130 +490,14 @@ def coloured_table(
     return lines
 
 
-def _short(text: str | None, limit: int = MAX_TEXT_ERROR) -> str | None:
+def shorten(text: str | None, limit: int = MAX_TEXT_ERROR) -> str | None:
     if text is None or len(text) <= limit:
         return text
     return text[: limit - 3] + "..."
 
 
-def _counts(counter: Counter[str] | dict[str, int]) -> str:
+def counts_text(counter: Counter[str] | dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.items()) or "-"
-
-
-def ago(stamp: str | None, now: datetime | float) -> str | None:
-    """``45s``, ``12m``, ``3h05m``, ``2d04h`` since an RFC 3339 time; None when unknown."""
-    if not stamp:
-        return None
-    try:
-        then = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return stamp
-    seconds = max(0, int(_epoch(now) - then))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def format_duration(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    parts = [(seconds // 86400, "d"), (seconds % 86400 // 3600, "h"), (seconds % 3600 // 60, "m")]
-    text = "".join(f"{n}{unit}" for n, unit in parts if n) + (f"{seconds % 60}s" if seconds % 60 else "")
-    return text or "0s"
-
-
-def state_tone(state: str | None) -> str | None:
-    return STATE_TONES.get(state or "")
-
-
-def format_fleet(
-    view: dict[str, Any],
-    *,
-    now: datetime | float,
-    stale_after: timedelta = DEFAULT_STALE_AFTER,
-    colour: bool = False,
-) -> str:
-    agents = view["agents"]
-    if not agents:
-        return "no agents match\n" if view.get("filtered") else "no agents have reported yet\n"
-    headers = ("AGENT", "MODE", "PLATFORM", "VERSION", "STATE", "TARGET", "LAST SEEN", "CHANGED", "UPDATE")
-    rows = []
-    for a in agents:
-        seen = ago(a["last_seen"], now)
-        rows.append(
-            [
-                (a["agent_id"], None),
-                (a["mode"], None),
-                (a["platform"] or None, None),
-                (a["version"], None),
-                (a["state"], state_tone(a["state"])),
-                (a["target_version"], None),
-                (f"{seen} ago, SILENT" if a["stale"] else f"{seen} ago", STALE_TONE if a["stale"] else None),
-                (f"{ago(a['last_change'], now)} ago" if a["last_change"] else None, None),
-                ("available" if a["update_available"] else None, "warn" if a["update_available"] else None),
-                *([(_short(a["last_error"]), "bad")] if a["last_error"] else [(a["last_result"], None)]),
-            ]
-        )
-    lines = coloured_table((*headers, "LAST ERROR / RESULT"), rows, colour=colour)
-    states = Counter(a["state"] for a in agents)
-    available = [a for a in agents if a["update_available"]]
-    silent = sum(1 for a in agents if a["stale"])
-    lines += [
-        "",
-        f"versions: {_counts(view['versions'])}",
-        f"states:   {_counts(dict(sorted(states.items(), key=lambda kv: str(kv[0]))))}",
-    ]
-    images = [a for a in available if a["mode"] == "container" and a["image"]]
-    if images:
-        lines.append("containers to roll: " + ", ".join(f"{a['agent_id']} -> {a['image']}" for a in images))
-    lines.append(
-        f"{len(agents)} agent(s), {len(available)} with an update available, "
-        f"{silent} silent for over {format_duration(stale_after)}"
-    )
-    return "\n".join(lines) + "\n"
-
-
-def format_agent(history: dict[str, Any], *, now: datetime | float, colour: bool = False) -> str:
-    a = history["agent"]
-    seen = ago(a["last_seen"], now)
-    lines = [
-        f"agent        {a['agent_id']}",
-        f"mode         {a['mode']} ({a['platform'] or '-'})",
-        f"version      {a['version']}" + (f" (target {a['target_version']})" if a["target_version"] else ""),
-        f"state        {a['state']}" + (f" ({ago(a['last_change'], now)} ago)" if a["last_change"] else ""),
-        f"last seen    {a['last_seen']} ({seen} ago)" + (", SILENT" if a["stale"] else ""),
-        f"last result  {a['last_result'] or '-'}",
-    ]
-    if a["update_available"]:
-        lines.append(
-            f"update       available: {a['target_version']}" + (f" ({a['image']})" if a["image"] else "")
-        )
-    if a["last_error"]:
-        lines.append(f"last error   {a['last_error']}")
-    events = history["events"]
-    lines += ["", f"history ({len(events)} event(s), oldest first; heartbeats are not history):"]
-    if events:
-        lines += coloured_table(
-            ("RECEIVED", "STATE", "VERSION", "TARGET", "ERROR"),
-            (
-                [
-                    (e["received"], None),
-                    (e["state"], state_tone(e["state"])),
-                    (e["version"], None),
-                    (e["target_version"], None),
-                    (
-                        _short(": ".join(p for p in (e["failed_state"], e["error"]) if p) or None),
-                        "bad" if e["error"] else None,
-                    ),
-                ]
-                for e in events
-            ),
-            colour=colour,
-        )
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- canary
@@ -637,9 +521,9 @@ def canary_view(
     ``failures_total`` / ``in_progress_total`` say how many the cut lists stand for.
     """
     if store.aggregates:
-        counts = _reading(lambda: store.outcome_counts(version))  # type: ignore[attr-defined]
-        failing = _reading(lambda: store.outcomes_in(version, FAILURES, rows))  # type: ignore[attr-defined]
-        busy = _reading(lambda: store.outcomes_in(version, IN_PROGRESS, rows))  # type: ignore[attr-defined]
+        counts = read_or_fail(lambda: store.outcome_counts(version))  # type: ignore[attr-defined]
+        failing = read_or_fail(lambda: store.outcomes_in(version, FAILURES, rows))  # type: ignore[attr-defined]
+        busy = read_or_fail(lambda: store.outcomes_in(version, IN_PROGRESS, rows))  # type: ignore[attr-defined]
     else:
         outcomes = sorted(read_outcomes(store, version), key=lambda o: o.get("agent_id") or "")
         counts = dict(Counter(str(o.get("state")) for o in outcomes))
@@ -768,9 +652,9 @@ def format_canary(report: CanaryReport) -> str:
     }[report.exit_code]
     lines = [
         f"canary {report.version}: {why} (exit {report.exit_code})",
-        f"ended        {ended} ({_counts(_state_counts(report.ended, ENDED))})",
-        f"in progress  {len(report.in_progress)} ({_counts(_state_counts(report.in_progress, IN_PROGRESS))})"
-        " - not counted",
+        f"ended        {ended} ({counts_text(_state_counts(report.ended, ENDED))})",
+        f"in progress  {len(report.in_progress)} "
+        f"({counts_text(_state_counts(report.in_progress, IN_PROGRESS))}) - not counted",
         f"failure rate {rate:.1%} of ended attempts (max {report.max_failure_rate:.1%}, "
         f"min agents {report.min_agents})",
     ]
@@ -779,7 +663,7 @@ def format_canary(report: CanaryReport) -> str:
         lines += table(
             ("AGENT", "STATE", "FAILED IN", "ERROR"),
             (
-                (o.get("agent_id"), o.get("state"), o.get("failed_state"), _short(o.get("error")))
+                (o.get("agent_id"), o.get("state"), o.get("failed_state"), shorten(o.get("error")))
                 for o in report.failures
             ),
         )

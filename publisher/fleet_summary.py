@@ -36,14 +36,14 @@ from publisher.fleet import (
     FAILURES,
     IN_PROGRESS,
     PROGRESS,
-    _epoch,
-    _reading,
-    _version_key,
+    epoch_seconds,
     fleet_row,
     progress_position,
+    read_or_fail,
     same_version,
     stale_cutoff,
     update_available,
+    version_key,
     wave_bucket,
 )
 
@@ -127,7 +127,7 @@ def pass_over_rows(
         if view["update_available"] and mode == "container":
             containers.offer(view["agent_id"], view)
     attention = {"stale": silent.rows(), "failures": failing.rows(), "update_available": containers.rows()}
-    return FleetPass(rfc3339_ms(_epoch(now)), stale_after, groups, buckets, attention)
+    return FleetPass(rfc3339_ms(epoch_seconds(now)), stale_after, groups, buckets, attention)
 
 
 def pass_in_store(
@@ -167,7 +167,7 @@ def pass_in_store(
                 if len(containers) == ATTENTION_ROWS:
                     break
     attention = {"stale": silent, "failures": failing, "update_available": containers}
-    return FleetPass(rfc3339_ms(_epoch(now)), stale_after, groups, buckets, attention)
+    return FleetPass(rfc3339_ms(epoch_seconds(now)), stale_after, groups, buckets, attention)
 
 
 def fleet_pass(
@@ -178,8 +178,8 @@ def fleet_pass(
     live: Manifest | None = None,
 ) -> FleetPass:
     if store.aggregates:
-        return _reading(lambda: pass_in_store(store, now=now, stale_after=stale_after, live=live))
-    return _reading(lambda: pass_over_rows(store.scan_all(), now=now, stale_after=stale_after, live=live))
+        return read_or_fail(lambda: pass_in_store(store, now=now, stale_after=stale_after, live=live))
+    return read_or_fail(lambda: pass_over_rows(store.scan_all(), now=now, stale_after=stale_after, live=live))
 
 
 def _available(group: tuple[Any, ...]) -> bool:
@@ -219,7 +219,7 @@ def summarize(done: FleetPass, live: Manifest | None) -> dict[str, Any]:
     rank = {s: i for i, s in enumerate(STATES)}
     return {
         "total": total,
-        "by_version": {v: by_version[v] for v in sorted(by_version, key=lambda v: _version_key(v or ""))},
+        "by_version": {v: by_version[v] for v in sorted(by_version, key=lambda v: version_key(v or ""))},
         "by_state": {s: by_state[s] for s in sorted(by_state, key=lambda s: (rank.get(s, len(rank)), s))},
         "stale": stale,
         "update_available": available,
