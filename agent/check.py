@@ -4,9 +4,11 @@ One check, step by step (python-tuf's updater shape):
 
 1. ``UPDATE_MODE=disabled`` / ``UPDATE_SERVER=disabled``: nothing is fetched or written;
 2. read the cached envelope and its ETag from the state dir; GET the manifest with
-   ``If-None-Match``; a 304 means the cached envelope is verified again, expiry included;
+   ``If-None-Match`` (only while the cached envelope still verifies, and the ETag is a plain header
+   value); a 304 means the cached envelope is verified again, expiry included;
 3. verify with :func:`agent.manifest.verify_manifest` (trusted keys, threshold, the highest serial
-   accepted so far, the platform on a VM);
+   accepted so far, the platform on a VM, the binary URLs' origins); the highest serial is never
+   below the cached envelope's (:func:`rebuild_trust`: a corrupt ``state.json`` was set aside);
 4. only after every check passed: cache the envelope + ETag and persist the new highest serial and
    its digest (one atomic ``state.json`` write);
 5. decide with :func:`agent.decide.decide`; the versions it must not install are
@@ -39,11 +41,14 @@ from agent.config import AgentConfig, resolve_agent_id
 from agent.decide import NONE, Decision, Host, decide
 from agent.fetch import DownloadError, Fetcher, FetchFailed, HttpFetcher
 from agent.manifest import (
+    MAX_ENVELOPE_BYTES,
     Manifest,
     ManifestError,
     TrustState,
     format_time,
     normalize_version,
+    parse_manifest,
+    verify_envelope,
     verify_manifest,
 )
 from agent.state import (
@@ -60,6 +65,9 @@ log = logging.getLogger(__name__)
 CHECKING = "checking"  # the DESIGN section 4 state a failed check is reported in
 VERSION_TIMEOUT = 10.0
 _VERSION_TOKEN_RE = re.compile(r"^[vV]?\d+(?:\.\d+)+\S*$")
+MAX_ETAG_CHARS = 1024
+# An ETag goes back into an If-None-Match header: visible ASCII and spaces only, never CR or LF.
+_ETAG_RE = re.compile(r"[\x20-\x7e]{1,1024}")
 
 
 @dataclass(frozen=True)
@@ -143,17 +151,36 @@ def current_version(config: AgentConfig) -> str | None:
 # ---------------------------------------------------------------- cache
 
 
+def read_cached_envelope(state_dir: Path) -> bytes | None:
+    """The cached envelope's bytes, or None (missing, unreadable, or larger than any envelope)."""
+    try:
+        with open(state_dir / CACHED_ENVELOPE, "rb") as fh:
+            data = fh.read(MAX_ENVELOPE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the cached manifest %s: %s", state_dir / CACHED_ENVELOPE, exc)
+        return None
+    return data if len(data) <= MAX_ENVELOPE_BYTES else None
+
+
+def read_cached_etag(state_dir: Path) -> str | None:
+    """The cached ETag if it can go into a header as it is (visible ASCII, at most 1 KiB), else None."""
+    try:
+        with open(state_dir / CACHED_ETAG, "rb") as fh:
+            raw = fh.read(MAX_ETAG_CHARS + 2)
+    except OSError:
+        return None
+    text = raw.strip().decode("ascii", errors="replace")
+    return text if len(text) <= MAX_ETAG_CHARS and _ETAG_RE.fullmatch(text) else None
+
+
 def load_cache(state_dir: Path) -> tuple[bytes | None, str | None]:
     """The last verified envelope and its ETag; an ETag without an envelope is useless."""
-    try:
-        envelope = (state_dir / CACHED_ENVELOPE).read_bytes()
-    except FileNotFoundError:
+    envelope = read_cached_envelope(state_dir)
+    if envelope is None:
         return None, None
-    try:
-        etag = (state_dir / CACHED_ETAG).read_text(encoding="utf-8").strip() or None
-    except (FileNotFoundError, UnicodeDecodeError):
-        etag = None
-    return envelope, etag
+    return envelope, read_cached_etag(state_dir)
 
 
 def save_cache(state_dir: Path, envelope: bytes, etag: str | None) -> None:
@@ -163,6 +190,45 @@ def save_cache(state_dir: Path, envelope: bytes, etag: str | None) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             (state_dir / CACHED_ETAG).unlink()
+
+
+def _cached_manifest(config: AgentConfig, envelope: bytes) -> Manifest:
+    """The cached envelope, verified with the configured keys and parsed; its expiry, serial and
+    URLs are not checked (it was accepted once). Raises ``ManifestError``."""
+    return parse_manifest(verify_envelope(envelope, config.public_keys, config.signature_threshold))
+
+
+def rebuild_trust(config: AgentConfig, state: AgentState) -> None:
+    """Never lower the trust state below the cached envelope's (DESIGN section 4).
+
+    ``state.json`` may have been set aside (corrupt, mistyped) or lost; the envelope this agent last
+    accepted is cached beside it. Once its signature verifies with the configured keys (expiry
+    ignored: it is only a witness of what was accepted), its serial and digest are a floor for the
+    highest serial, so a broken state file never reopens the door to a replayed older manifest.
+    """
+    envelope = read_cached_envelope(config.state_dir)
+    if envelope is None:
+        if state.highest_serial is None and state.corrupt:
+            log.warning(
+                "no cached manifest to rebuild the trust state from: the next manifest that verifies "
+                "sets the highest serial again"
+            )
+        return
+    try:
+        cached = _cached_manifest(config, envelope)
+    except ManifestError as exc:
+        if state.highest_serial is None:
+            log.warning("the cached manifest cannot rebuild the trust state: %s: %s", exc.code, exc.message)
+        return
+    if state.highest_serial is None or cached.serial > state.highest_serial:
+        log.warning(
+            "trust state rebuilt from the cached manifest: highest serial %s -> %d",
+            state.highest_serial,
+            cached.serial,
+        )
+        state.highest_serial, state.highest_digest = cached.serial, cached.digest
+    elif cached.serial == state.highest_serial and state.highest_digest is None:
+        state.highest_digest = cached.digest
 
 
 # ---------------------------------------------------------------- the workflow
@@ -182,6 +248,17 @@ def fetch(config: AgentConfig, fetcher: Fetcher) -> tuple[int, bytes, str | None
     """Step 2: (status, envelope to verify, ETag). Raises ``DownloadError`` or ``TooLarge``."""
     url = config.manifest_url
     cached, cached_etag = load_cache(config.state_dir)
+    if cached is not None and cached_etag is not None:
+        try:
+            _cached_manifest(config, cached)
+        except ManifestError as exc:
+            # A 304 would mean "verify this broken cache" at every check: fetch it whole instead.
+            log.warning(
+                "the cached manifest does not verify (%s: %s): fetching without If-None-Match",
+                exc.code,
+                exc.message,
+            )
+            cached_etag = None
     status, body, etag = fetcher.get_manifest(url, cached_etag if cached is not None else None)
     if status == 304:
         if cached is None:
@@ -200,6 +277,7 @@ def verify_and_record(
 ) -> Manifest:
     """Steps 3-4, inside the caller's state transaction. Raises ``ManifestError``."""
     status, body, etag = fetched
+    rebuild_trust(config, state)
     manifest = verify_manifest(
         body,
         trusted=config.public_keys,
@@ -254,6 +332,7 @@ def check(
         fetched = fetch(config, fetcher)
     except (ManifestError, DownloadError) as exc:  # too_large is found while fetching
         with state_transaction(config.state_dir) as state:
+            rebuild_trust(config, state)
             state.last_check = format_time(now)
             _record_error(state, exc)
         raise

@@ -25,7 +25,7 @@ from agent.config import AgentConfig
 from agent.decide import REPORT, UPDATE, Decision
 from agent.events import EventSink
 from agent.options import config_option, fail, load_config, print_json
-from agent.state import LockBusy, load_state, update_lock
+from agent.state import LockBusy, load_state, state_warnings, update_lock
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _rollback_pending(
 
 def collect_status(cfg: AgentConfig) -> dict[str, Any]:
     """Everything ``status`` shows, from the state dir and the target (never written here)."""
-    state = load_state(cfg.state_dir)
+    state, problems = state_warnings(cfg.state_dir)
     try:
         pending_record = lifecycle.read_pending(cfg.state_dir, set_aside_corrupt=False)
         pending: dict[str, Any] | None = pending_record.to_dict() if pending_record else None
@@ -212,6 +212,8 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         "attempts": list(state.attempts.values()),
         "highest_serial": state.highest_serial,
         "last_error": state.last_error,
+        # Config mistakes and a corrupt state file: what an operator should fix (DESIGN section 3).
+        "warnings": [*cfg.warnings, *problems],
     }
 
 
@@ -245,6 +247,7 @@ def _status_text(info: dict[str, Any]) -> list[str]:
         f"bad versions:   {', '.join(bad) or 'none'}",
         f"highest serial: {serial if serial is not None else 'none'}",
         f"last error:     {_error_text(error) if error else 'none'}",
+        *[f"warning:        {warning}" for warning in info["warnings"]],
     ]
 
 

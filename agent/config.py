@@ -8,18 +8,21 @@ Every value is checked here, once, so the rest of the agent only sees valid sett
 
 from __future__ import annotations
 
+import difflib
+import grp
 import logging
 import os
 import re
 import socket
+import stat
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import buildinfo
-from agent.manifest import PublicKey, parse_duration, parse_public_keys, url_origin
+from agent.manifest import PublicKey, parse_duration, parse_public_keys, plain_authority, url_origin
 from agent.state import write_text_atomic
 from infra.reports.validation import valid_agent_id
 
@@ -59,6 +62,10 @@ KEYS = (
 )
 # Past the health window, how long a new version has to commit unless UPDATE_COMMIT_DEADLINE says.
 DEFAULT_COMMIT_GRACE = 600
+_PREFIX = "UPDATE_"
+_KNOWN_SUFFIXES = [k[len(_PREFIX) :] for k in KEYS if k.startswith(_PREFIX)]
+# A config file is a few KiB; a bigger one is a mistake (and never read whole into memory).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -138,6 +145,9 @@ class AgentConfig:
     commit_deadline: int | None = None
     heartbeat_interval: int = 3600
     source: str = ""
+    # Config mistakes that are not errors (unknown UPDATE_* keys, an exposed token): logged, and
+    # shown by ``status``.
+    warnings: tuple[str, ...] = ()
 
     @property
     def updates_disabled(self) -> bool:
@@ -184,10 +194,10 @@ def _duration(key: str, value: str, minimum: int) -> int:
 
 
 def _duration_or_zero(key: str, value: str) -> int:
-    """A duration, or ``0`` (the feature is off)."""
+    """A duration, or ``0`` / ``0s`` (the feature is off)."""
     if value == "0":
         return 0
-    return _duration(key, value, 1)
+    return _duration(key, value, 0)
 
 
 def _url(key: str, value: str) -> str:
@@ -203,8 +213,9 @@ def _origins(key: str, value: str) -> tuple[str, ...]:
         if not part:
             continue
         origin = url_origin(part)
-        tail = part.split("://", 1)[-1]
-        if origin is None or "@" in tail or any(c in tail.rstrip("/") for c in "/?#"):
+        authority = part.split("://", 1)[-1]
+        authority = authority[:-1] if authority.endswith("/") else authority
+        if origin is None or not plain_authority(authority):
             raise ConfigError(
                 f"{key}={value!r}: {part!r} is not an origin like https://cdn.example.com[:port]", key, value
             )
@@ -219,10 +230,10 @@ def _path(key: str, value: str) -> Path:
     return Path(value).expanduser()
 
 
-def from_values(values: Mapping[str, str], source: str = "") -> AgentConfig:
+def from_values(values: Mapping[str, str], source: str = "", warnings: tuple[str, ...] = ()) -> AgentConfig:
     """Validate raw ``KEY -> value`` settings (empty = default) into an ``AgentConfig``."""
     get = {k: v.strip() for k, v in values.items() if k in KEYS and v.strip()}
-    kw: dict[str, object] = {"source": source}
+    kw: dict[str, object] = {"source": source, "warnings": warnings}
 
     if "AGENT_ID" in get:
         if not valid_agent_id(get["AGENT_ID"]):
@@ -339,33 +350,111 @@ def read_values(
 ) -> dict[str, str]:
     """Raw settings: the file (``path`` None = the default path, which may be missing), then the
     environment over it. Nothing is validated here except the file's syntax."""
+    return read_settings(path, environ)[0]
+
+
+def read_settings(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """:func:`read_values` and the config mistakes worth a warning (DESIGN section 3): unknown
+    ``UPDATE_*`` keys in the file or the environment, and a file whose mode exposes it."""
     environ = os.environ if environ is None else environ
     explicit = path is not None
     path = DEFAULT_CONFIG_PATH if path is None else path
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {path} does not exist") from None
-        text = ""
+        text, info = "", None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     values = parse_file(text, str(path))
+    warnings = unknown_key_warnings(values, f"config file {path}")
+    warnings += unknown_key_warnings(environ, "the environment")
+    if info is not None:
+        holds_token = bool(values.get("UPDATE_REPORT_TOKEN", "").strip())
+        warnings += file_mode_warnings(path, info.st_mode, info.st_gid, os.getegid(), holds_token)
     for key in sorted(set(values) - set(KEYS)):
         log.debug("ignoring unknown config key %s in %s", key, path)
     for key in KEYS:
         if key in environ:
             values[key] = environ[key]
-    return values
+    return values, warnings
+
+
+def unknown_key_warnings(keys: Iterable[str], where: str) -> list[str]:
+    """One warning per ``UPDATE_*`` key (any case) this agent does not know, naming the nearest known
+    key when one is near: a typo must not silently leave a setting at its default."""
+    warnings = []
+    for key in sorted(keys):
+        if not key.upper().startswith(_PREFIX) or key in KEYS:
+            continue
+        suffix = key.upper()[len(_PREFIX) :]
+        near = difflib.get_close_matches(suffix, _KNOWN_SUFFIXES, n=1, cutoff=0.6)
+        hint = f"; did you mean {_PREFIX}{near[0]}?" if near else ""
+        warnings.append(f"unknown key {key} in {where} is ignored{hint}")
+    return warnings
+
+
+def file_mode_warnings(path: Path, mode: int, gid: int, agent_gid: int, holds_token: bool) -> list[str]:
+    """What the config file's mode exposes (DESIGN section 3).
+
+    A file holding ``UPDATE_REPORT_TOKEN`` must not be readable by others, nor by a group other than
+    the agent's own (the documented modes: 0600, or 0640 root:<agent group>): whoever reads the token
+    can report as this agent. Any config file writable by group or others lets them change
+    ``UPDATE_PUBLIC_KEYS`` and so what this agent installs.
+    """
+    warnings = []
+    octal = f"{stat.S_IMODE(mode):04o}"
+    fix = f"chmod 600 {path} (or chmod 640 and chgrp it to the agent's group)"
+    if holds_token and mode & stat.S_IROTH:
+        warnings.append(
+            f"config file {path} holds UPDATE_REPORT_TOKEN and is readable by others (mode {octal}): "
+            f"anyone on this host can report as this agent; {fix}"
+        )
+    elif holds_token and mode & stat.S_IRGRP and gid != agent_gid:
+        warnings.append(
+            f"config file {path} holds UPDATE_REPORT_TOKEN and is readable by group {_group_name(gid)} "
+            f"(mode {octal}), which is not the agent's group ({_group_name(agent_gid)}): its members can "
+            f"report as this agent; {fix}"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.append(
+            f"config file {path} is writable by group or others (mode {octal}): they can change "
+            f"UPDATE_PUBLIC_KEYS and so what this agent installs; chmod go-w {path}"
+        )
+    return warnings
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return str(gid)
 
 
 def load(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
-    """Read the file (``path`` None = the default path, which may be missing) and the environment."""
-    values = read_values(path, environ)
-    return from_values(values, source=str(DEFAULT_CONFIG_PATH if path is None else path))
+    """Read the file (``path`` None = the default path, which may be missing) and the environment.
+
+    Config mistakes that are not errors are logged as warnings and kept in ``warnings`` (``status``
+    shows them).
+    """
+    values, warnings = read_settings(path, environ)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return from_values(
+        values, source=str(DEFAULT_CONFIG_PATH if path is None else path), warnings=tuple(warnings)
+    )
 
 
 def resolve_agent_id(config: AgentConfig, hostname: str | None = None) -> str:

@@ -79,7 +79,7 @@ def decide(manifest: Manifest, host: Host, bad_versions: Collection[tuple[str, s
         and target >= parse_version(manifest.min_version)
     )
 
-    if manifest.rollout.percent == 0 and not forced:
+    if manifest.rollout.halted and not forced:
         # Halted (DESIGN section 2): nobody acts, and containers don't call it available.
         return Decision(NONE, "halted", bucket, wave)
     if host.mode == "container":

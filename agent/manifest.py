@@ -669,9 +669,11 @@ def _rollout_plan(obj: Mapping[str, Any]) -> RolloutPlan | None:
         raise MalformedManifest(f"{where}steps {steps} do not end at 100")
     soak = _field(raw, "soak", str, where)
     try:
-        parse_duration(soak)
+        soak_seconds = duration_seconds(soak)
     except ValueError as exc:
         raise MalformedManifest(f"{where}soak: {exc}") from None
+    if soak_seconds > MAX_SOAK_SECONDS:
+        raise MalformedManifest(f"{where}soak {soak!r} is longer than {MAX_SOAK_SECONDS // 86400}d")
     rate = _field(raw, "max_failure_rate", str, where)
     if not _RATE_RE.fullmatch(rate):
         raise MalformedManifest(f"{where}max_failure_rate {rate!r} is not a decimal string from 0 to 1")
@@ -679,15 +681,22 @@ def _rollout_plan(obj: Mapping[str, Any]) -> RolloutPlan | None:
     return RolloutPlan(steps=tuple(steps), soak=soak, max_failure_rate=rate, min_agents=min_agents)
 
 
-_DURATION_RE = re.compile(r"^(?:[0-9]{1,9}[smhd])+$")
+_DURATION_RE = re.compile(r"(?:[0-9]{1,9}[smhd])+")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A longer soak is a typo; the bound also keeps every reader's arithmetic far from overflowing.
+MAX_SOAK_SECONDS = 365 * 86400
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds in ``30s``, ``15m``, ``1h30m``, ``2d``, exactly as written (no spaces); ``ValueError``."""
+    if not isinstance(text, str) or not _DURATION_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 1h30m")
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhd])", text))
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in ``30s``, ``15m``, ``1h30m``, ``2d`` (DESIGN section 3); ``ValueError`` otherwise."""
-    if not isinstance(text, str) or not _DURATION_RE.fullmatch(text.strip()):
-        raise ValueError(f"{text!r} is not a duration like 30s, 15m or 1h30m")
-    return sum(int(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhd])", text))
+    """A configured duration (DESIGN section 3): :func:`duration_seconds`, surrounding spaces allowed."""
+    return duration_seconds(text.strip() if isinstance(text, str) else text)
 
 
 # ---------------------------------------------------------------- rules
@@ -701,6 +710,13 @@ class TrustState:
     digest: str | None = None
 
 
+# An authority a binary URL may name: a DNS name or an IP literal, and an optional port. No userinfo
+# (``https://updates.example.com@evil.example/`` is on evil.example), no percent-escapes, nothing
+# outside ASCII: URL parsers disagree about all of those, and two agents must find the same host.
+_AUTHORITY_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def url_origin(url: str) -> str | None:
     """``scheme://host[:port]`` of an absolute http(s) URL, lower-cased, default port dropped.
 
@@ -712,14 +728,19 @@ def url_origin(url: str) -> str | None:
     except ValueError:
         return None
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
         return None
     host = parts.hostname.lower()
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{host}:{port}"
     return f"{scheme}://{host}"
+
+
+def plain_authority(netloc: str) -> bool:
+    """``host[:port]`` and nothing else (see ``_AUTHORITY_RE``): what an origin may be written as."""
+    return _AUTHORITY_RE.fullmatch(netloc) is not None
 
 
 def check_url(url: str, manifest_url: str | None = None, origins: Sequence[str] = ()) -> None:
@@ -727,8 +748,10 @@ def check_url(url: str, manifest_url: str | None = None, origins: Sequence[str] 
 
     Relative URLs are fine (they resolve against the manifest). An absolute one -- or a
     scheme-relative ``//host/...`` -- must resolve to the manifest's own origin or to one of
-    ``origins`` (``UPDATE_BINARY_ORIGINS``), so a key that can only re-sign (the maintenance job)
-    can never point the fleet at bytes that were not published to the store.
+    ``origins`` (``UPDATE_BINARY_ORIGINS``, as :func:`url_origin` writes them), so a key that can
+    only re-sign (the maintenance job) can never point the fleet at bytes that were not published
+    to the store. Origins compare by scheme, lower-cased host and port (the default port may be
+    written or not); its authority must be a plain ``host[:port]``.
     """
     if not url or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url) or "\\" in url:
         raise BadUrl(f"binary url {url!r} is empty or has spaces or control characters")
@@ -736,12 +759,17 @@ def check_url(url: str, manifest_url: str | None = None, origins: Sequence[str] 
         parts = urlsplit(url)
     except ValueError as exc:
         raise BadUrl(f"binary url {url!r} does not parse: {exc}") from None
-    if parts.scheme and parts.scheme.lower() not in ("http", "https"):
+    if parts.scheme and parts.scheme.lower() not in _DEFAULT_PORTS:
         raise BadUrl(f"binary url {url!r} has scheme {parts.scheme!r}, only http(s) is allowed")
-    if parts.scheme and not parts.netloc:
+    if (parts.scheme or url.startswith("//")) and not parts.netloc:
         raise BadUrl(f"binary url {url!r} has no host")
-    if not parts.scheme and not parts.netloc:
+    if not parts.netloc:
         return  # relative: on the manifest's own origin by construction
+    if not plain_authority(parts.netloc):
+        raise BadUrl(
+            f"binary url {url!r}: {parts.netloc!r} is not a plain host[:port] "
+            "(no userinfo, percent-escapes or other characters)"
+        )
     base = manifest_url or "https://manifest.invalid/"
     origin = url_origin(urljoin(base, url))
     if origin is None:

@@ -61,7 +61,8 @@ from agent.manifest import (  # noqa: E402
     in_wave,
     verify_manifest,
 )
-from publisher.release import ReleaseSpec, release, resign  # noqa: E402
+from publisher.release import ReleaseSpec, release  # noqa: E402
+from publisher.resign import resign  # noqa: E402
 from publisher.serve import make_server  # noqa: E402
 from publisher.stores import DirStore  # noqa: E402
 
@@ -101,7 +102,7 @@ def publish_waves(tmp: Path, signer: LocalSigner) -> tuple[DirStore, list[bytes]
     build.write_text(f'#!/bin/sh\necho "{VERSION}"\n')
     store = DirStore(tmp / "store")
     store.root.mkdir()
-    spec = ReleaseSpec(VERSION, {PLATFORM: build}, rollout_percent=WAVES[0])
+    spec = ReleaseSpec(VERSION, {PLATFORM: build}, rollout_percent=WAVES[0], init=True)
     envelopes = [release(store, [signer], spec).envelope]
     for percent in WAVES[1:]:
         envelopes.append(resign(store, [signer], percent=percent).envelope)
@@ -294,7 +295,7 @@ def sample_agents(out: Report, tmp: Path, ids: list[str], sample: int, deadline:
     build = tmp / "sample-agent"
     build.write_text(f'#!/bin/sh\necho "{VERSION}"\n')
     store = DirStore(www / "updates")
-    release(store, [signer], ReleaseSpec(VERSION, {PLATFORM: build}, rollout_percent=10))
+    release(store, [signer], ReleaseSpec(VERSION, {PLATFORM: build}, rollout_percent=10, init=True))
     traffic = Traffic()
     server = counting_server(www, traffic)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)

@@ -55,7 +55,7 @@ def timed(work: Callable[[], object]) -> float:
 
 
 def publish(store: Store, path: Path, version: str) -> None:
-    spec = publishing.ReleaseSpec(version=version, binaries={"linux-amd64": path})
+    spec = publishing.ReleaseSpec(version=version, binaries={"linux-amd64": path}, init=True)
     publishing.release(store, [LocalSigner(generate_private_key())], spec)
 
 

@@ -408,6 +408,7 @@ class Soak:
             {PLATFORM: build.path},
             reports_url=self.proxy.url + "/v1/reports",
             downgrade=downgrade,
+            init=True,
         )
         outcome = release(self.store, [self.signer], spec)
         if outcome.status != "published":

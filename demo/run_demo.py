@@ -446,7 +446,7 @@ class Demo:
     def release(self, version: str, *extra: str) -> dict[str, Any]:
         binary = self.builds / f"avika-agent-{version}"
         out = self.publish(
-            "release", version, "--binary", f"{PLATFORM}={binary}",
+            "release", version, "--init", "--binary", f"{PLATFORM}={binary}",
             "--image", f"hellodk/avika-agent:{version}", "--reports-url", f"{self.url}/v1/reports",
             *self.signing(), "--json", *extra,
         )  # fmt: skip

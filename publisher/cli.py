@@ -25,19 +25,25 @@ from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
 from publisher import fleet_text
 from publisher import release as publishing
+from publisher import resign as resigning
+from publisher.archive import read_store
 from publisher.errors import PublishError
 from publisher.options import (
     binary_option,
+    endpoint_option,
     expires_option,
     json_option,
+    key_options,
     public_key_option,
     reports_option,
     resign_options,
-    signing_options,
     source_options,
+    store_option,
+    trusted_key_option,
 )
 from publisher.signing import load_signers, write_new_key
-from publisher.stores import DirStore, Store, open_reader, open_store
+from publisher.store_url import open_reader, open_store
+from publisher.stores import DirStore, Store
 
 
 class _Group(click.Group):
@@ -69,6 +75,10 @@ def _fail(message: str, code: int) -> None:
 
 def _note(message: str) -> None:
     click.echo(f"avika-publish: note: {message}", err=True)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"avika-publish: warning: {message}", err=True)
 
 
 def _print_json(obj: Any) -> None:
@@ -134,15 +144,47 @@ def _summary(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _format_history(location: str, keys: list, rows: list[dict[str, Any]]) -> str:
+    def signers(row: dict[str, Any]) -> str:
+        ids = row["verified_by"] if row["verified"] else row["key_ids"]
+        return ",".join(k[:12] for k in ids) or "-"
+
+    lines = [
+        f"{location}: archived manifests, newest first (trusted: {', '.join(k.keyid[:12] for k in keys)})"
+    ]
+    lines += fleet_view.table(
+        ("SERIAL", "VERSION", "ROLLOUT", "RELEASED", "SIGNED", "EXPIRES", "SIGNERS", "VERIFIES", "LIVE"),
+        (
+            (
+                r["serial"],
+                None if r["version"] is None else r["version"] + (" (downgrade)" if r["downgrade"] else ""),
+                None if r["rollout"] is None else f"{r['rollout']}%",
+                r["released_at"],
+                r["signed_at"],
+                r["expires"],
+                signers(r),
+                "yes" if r["verified"] else f"NO ({r['error']})",
+                ("live" if r["live"] else None) if r["key"] != "manifest.json" else "live (manifest.json)",
+            )
+            for r in rows
+        ),
+    )
+    bad = sum(1 for r in rows if not r["verified"])
+    if bad:
+        lines += ["", f"{bad} object(s) do not verify: never used by the publisher (shown as they claim)"]
+    return "\n".join(lines) + "\n"
+
+
 def _print_outcome(outcome: publishing.Outcome, as_json: bool) -> None:
+    for warning in outcome.warnings:
+        _warn(warning)
     if as_json:
         _print_json(outcome.to_json())
         return
     m = outcome.manifest
     if outcome.status == "unchanged":
-        click.echo(
-            f"{m.version} is already published as serial {m.serial} in {outcome.location}; nothing to do"
-        )
+        for note in outcome.notes:
+            click.echo(note)
         return
     verb = {"published": "published", "dry_run": "dry run: would publish"}[outcome.status]
     click.echo(f"{verb} {m.version} as serial {m.serial} to {outcome.location}")
@@ -193,6 +235,11 @@ def keygen(out: Path, as_json: bool) -> None:
 @click.option(
     "--image", metavar="REF", help="Container image of this release (also written to helm-values.yaml)."
 )
+@click.option(
+    "--image-digest",
+    metavar="sha256:HEX",
+    help="The image's digest (needs --image): the controller pins repository@sha256:... with it.",
+)
 @click.option("--min-version", metavar="V", help="Agents below this update now, whatever their wave.")
 @click.option("--changelog", default="", help="Release notes (text).")
 @click.option(
@@ -215,14 +262,28 @@ def keygen(out: Path, as_json: bool) -> None:
 @expires_option
 @click.option("--downgrade", is_flag=True, help="Sign a deliberate rollback to an older version.")
 @click.option(
-    "--reports-url", metavar="URL", help="Where agents report (default: the live manifest's; '' for none)."
+    "--reports-url",
+    metavar="URL",
+    help="Where agents report: https (http only to loopback); default: kept from the newest release that "
+    "verifies; '' for none.",
 )
 @click.option("--force", is_flag=True, help="Allow replacing the binaries of an already published version.")
-@signing_options
+@click.option(
+    "--drop-platform",
+    "drop_platforms",
+    multiple=True,
+    metavar="PLATFORM",
+    help="Stop shipping PLATFORM, which the current release has (repeatable).",
+)
+@click.option(
+    "--init", is_flag=True, help="The store is new: allow the first release into it (else refused)."
+)
+@resign_options
 def release(
     version: str,
     binaries: dict[str, Path],
     image: str | None,
+    image_digest: str | None,
     min_version: str | None,
     changelog: str,
     changelog_file: Path | None,
@@ -232,6 +293,9 @@ def release(
     downgrade: bool,
     reports_url: str | None,
     force: bool,
+    drop_platforms: tuple[str, ...],
+    init: bool,
+    public_keys: list,
     dry_run: bool,
     as_json: bool,
     **signing: Any,
@@ -247,6 +311,7 @@ def release(
         version=version,
         binaries=binaries,
         image=image,
+        image_digest=image_digest,
         min_version=min_version,
         changelog=changelog,
         rollout_percent=rollout_percent,
@@ -255,10 +320,18 @@ def release(
         downgrade=downgrade,
         reports_url=reports_url,
         force=force,
+        drop_platforms=frozenset(drop_platforms),
+        init=init,
     )
     store, signers, invalidate = _publishing(dry_run, **signing)
     outcome = publishing.release(
-        store, signers, spec, dry_run=dry_run, progress=_progress(), invalidate=invalidate
+        store,
+        signers,
+        spec,
+        trusted=public_keys,
+        dry_run=dry_run,
+        progress=_progress(),
+        invalidate=invalidate,
     )
     _print_outcome(outcome, as_json)
 
@@ -267,7 +340,7 @@ def _resign(
     percent: int | None, expires_in: Any, public_keys: list, dry_run: bool, as_json: bool, **signing: Any
 ) -> None:
     store, signers, invalidate = _publishing(dry_run, **signing)
-    outcome = publishing.resign(
+    outcome = resigning.resign(
         store,
         signers,
         percent=percent,
@@ -284,7 +357,9 @@ def _resign(
 @expires_option
 @resign_options
 def rollout(percent: int, **kwargs: Any) -> None:
-    """Re-sign the live manifest with a new rollout PERCENT (serial + 1, salt kept)."""
+    """Re-sign the live manifest with a new rollout PERCENT (serial + 1, salt kept).
+
+    Already at PERCENT: nothing is signed (exit 0, it says so)."""
     _resign(percent, **kwargs)
 
 
@@ -292,7 +367,7 @@ def rollout(percent: int, **kwargs: Any) -> None:
 @expires_option
 @resign_options
 def halt(**kwargs: Any) -> None:
-    """Stop the rollout: re-sign the live manifest at rollout 0."""
+    """Stop the rollout: re-sign the live manifest at rollout 0 (already halted: nothing signed)."""
     _resign(0, **kwargs)
 
 
@@ -302,6 +377,88 @@ def halt(**kwargs: Any) -> None:
 def refresh(**kwargs: Any) -> None:
     """Re-sign the live manifest with a new expiry (for a scheduled job)."""
     _resign(None, **kwargs)
+
+
+@main.command(name="rollback-to")
+@click.argument("version")
+@click.option(
+    "--rollout",
+    "rollout_percent",
+    type=click.IntRange(0, 100),
+    default=100,
+    show_default=True,
+    metavar="PERCENT",
+    help="Share of agents that go back (waves as for any release).",
+)
+@click.option(
+    "--reports-url", metavar="URL", help="Where agents report (default: the live release's; '' for none)."
+)
+@expires_option
+@resign_options
+def rollback_to(
+    version: str,
+    rollout_percent: int,
+    reports_url: str | None,
+    expires_in: Any,
+    public_keys: list,
+    dry_run: bool,
+    as_json: bool,
+    **signing: Any,
+) -> None:
+    """Roll the fleet back to an older, archived VERSION (serial + 1, downgrade: true).
+
+    The newest archived manifest of VERSION that verifies is signed again; its binaries in the store
+    are re-hashed first (missing or different bytes: refused, exit 2)."""
+    store, signers, invalidate = _publishing(dry_run, **signing)
+    outcome = resigning.rollback_to(
+        store,
+        signers,
+        version,
+        percent=rollout_percent,
+        expires_in=expires_in,
+        trusted=public_keys,
+        reports_url=reports_url,
+        dry_run=dry_run,
+        progress=_progress(),
+        invalidate=invalidate,
+    )
+    _print_outcome(outcome, as_json)
+
+
+@main.command()
+@key_options
+@trusted_key_option
+@store_option
+@endpoint_option
+@json_option
+def history(
+    key_files: tuple[str, ...],
+    kms_key_ids: tuple[str, ...],
+    public_keys: list,
+    store: str,
+    endpoint_url: str | None,
+    as_json: bool,
+) -> None:
+    """Every archived serial: version, rollout, times, signers, and whether it verifies.
+
+    Trusted keys: the signing key's (--key / --kms-key-id; only its public half is used) and
+    --trusted-key / AVIKA_PUBLIC_KEYS."""
+    keys = list(public_keys)
+    if key_files or kms_key_ids:
+        keys = publishing.trusted_keys(load_signers(key_files, kms_key_ids), keys)
+    if not keys:
+        raise click.UsageError(
+            "no trusted key: pass --trusted-key KEY (or AVIKA_PUBLIC_KEYS), or --key / --kms-key-id"
+        )
+    view = read_store(open_store(store, endpoint_url=endpoint_url), keys)
+    rows = view.history()
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no archived manifests in {view.location}")
+        return
+    click.echo(_format_history(view.location, keys, rows), nl=False)
 
 
 @main.command()
@@ -505,6 +662,9 @@ def canary(
             )
         except PublishError as exc:
             refused = exc
+    if report.halt is not None and report.halt.outcome is not None:
+        for warning in report.halt.outcome.warnings:  # objects in the store that did not verify
+            _warn(warning)
     if as_json:
         _print_json(report.to_json())
     else:

@@ -25,7 +25,7 @@ from infra.reports.console_routes import is_console_path
 from infra.reports.store import ReportStore
 from publisher.errors import Refused
 from publisher.signing import load_signers
-from publisher.stores import open_store
+from publisher.store_url import open_store
 
 STATIC = Path(__file__).resolve().parent / "console"
 PAGE_PREFIX = "/console/"

@@ -67,6 +67,7 @@ from agent.manifest import Manifest, PublicKey, Signer, fnv1a32, format_time, no
 from infra.reports.store import ReportStore, StoreError, Where, rfc3339_ms
 from infra.reports.validation import MODES, STATES
 from publisher import release as publishing
+from publisher import resign as resigning
 from publisher.errors import PublishError, Refused
 from publisher.stores import Store
 
@@ -134,20 +135,32 @@ def open_reports(url: str | None) -> ReportStore:
         raise PublishError(f"reports store {url}: {exc}") from None
 
 
-def read_or_fail(what: Callable[[], Any]) -> Any:
+def read_failed(store: ReportStore, exc: StoreError) -> PublishError:
+    """A read error that names the store; a missing DynamoDB table is named as such (a typo in
+    ``--reports`` / ``AVIKA_REPORTS``, or another region), not as a bare AWS error code."""
+    table = getattr(store, "table", None)
+    if table is not None and "ResourceNotFoundException" in str(exc):
+        return Refused(
+            f"reports table {table!r} not found (--reports dynamodb://{table}): check the name "
+            "(the stack output ReportsTableName) and the AWS region"
+        )
+    return PublishError(f"reading the reports store: {exc}")
+
+
+def read_or_fail(store: ReportStore, what: Callable[[], Any]) -> Any:
     try:
         return what()
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
 
 
 def read_agents(store: ReportStore) -> list[dict[str, Any]]:
     """Every agent's scan row (``STATE_ROW_FIELDS``), in the store's order."""
-    return read_or_fail(lambda: list(store.scan_all()))
+    return read_or_fail(store, lambda: list(store.scan_all()))
 
 
 def read_outcomes(store: ReportStore, version: str) -> list[dict[str, Any]]:
-    return read_or_fail(lambda: store.version_outcomes(version))
+    return read_or_fail(store, lambda: store.version_outcomes(version))
 
 
 # ---------------------------------------------------------------- versions
@@ -308,7 +321,7 @@ def read_fleet(
 ) -> dict[str, Any]:
     """``fleet --json``: every agent that passes ``where``."""
     cutoff = stale_cutoff(now, stale_after)
-    rows = read_or_fail(lambda: [row for _, row in store.scan(where=where.where(cutoff))])
+    rows = read_or_fail(store, lambda: [row for _, row in store.scan(where=where.where(cutoff))])
     return fleet_view(rows, now=now, stale_after=stale_after, where=where)
 
 
@@ -360,7 +373,7 @@ def fleet_page(
     except ValueError:
         raise Refused("cursor: not a cursor this server returned") from None
     except StoreError as exc:
-        raise PublishError(f"reading the reports store: {exc}") from None
+        raise read_failed(store, exc) from None
     return agents, None
 
 
@@ -392,10 +405,10 @@ def agent_history(
     Events are ordered as the agent made them ((stream, seq): a new stream per fresh queue);
     ``limit`` keeps the newest. Heartbeats are liveness, not history: they are not among them.
     """
-    latest = read_or_fail(lambda: store.agent(agent_id))
+    latest = read_or_fail(store, lambda: store.agent(agent_id))
     if latest is None:
         return None
-    events = read_or_fail(lambda: store.agent_events(agent_id))
+    events = read_or_fail(store, lambda: store.agent_events(agent_id))
     events.sort(key=lambda e: (str(e.get("stream", "")).lower(), e.get("seq", 0)))
     if limit is not None:
         events = events[-limit:] if limit else []
@@ -521,9 +534,9 @@ def canary_view(
     ``failures_total`` / ``in_progress_total`` say how many the cut lists stand for.
     """
     if store.aggregates:
-        counts = read_or_fail(lambda: store.outcome_counts(version))  # type: ignore[attr-defined]
-        failing = read_or_fail(lambda: store.outcomes_in(version, FAILURES, rows))  # type: ignore[attr-defined]
-        busy = read_or_fail(lambda: store.outcomes_in(version, IN_PROGRESS, rows))  # type: ignore[attr-defined]
+        counts = read_or_fail(store, lambda: store.outcome_counts(version))  # type: ignore[attr-defined]
+        failing = read_or_fail(store, lambda: store.outcomes_in(version, FAILURES, rows))  # type: ignore[attr-defined]
+        busy = read_or_fail(store, lambda: store.outcomes_in(version, IN_PROGRESS, rows))  # type: ignore[attr-defined]
     else:
         outcomes = sorted(read_outcomes(store, version), key=lambda o: o.get("agent_id") or "")
         counts = dict(Counter(str(o.get("state")) for o in outcomes))
@@ -698,9 +711,7 @@ def halt(
     invalidate: publishing.Invalidate | None = None,
 ) -> Halt:
     """Stop VERSION's rollout: re-sign the live manifest at rollout 0 (module docstring)."""
-    live = publishing.read_current(store).manifest
-    if live is None:
-        raise PublishError(f"no manifest.json in {store.location}: nothing to halt")
+    _, live = resigning.read_live(store, signers, trusted)  # only a verified live release counts
     if not same_version(live.version, version):
         raise PublishError(
             f"the live release in {store.location} is {live.version}, not {version}: "
@@ -708,7 +719,7 @@ def halt(
         )
     if live.rollout.percent == 0:
         return Halt("already_halted", live.version, live.serial)
-    outcome = publishing.resign(
+    outcome = resigning.resign(
         store,
         signers,
         percent=0,

@@ -178,8 +178,9 @@ def fleet_pass(
     live: Manifest | None = None,
 ) -> FleetPass:
     if store.aggregates:
-        return read_or_fail(lambda: pass_in_store(store, now=now, stale_after=stale_after, live=live))
-    return read_or_fail(lambda: pass_over_rows(store.scan_all(), now=now, stale_after=stale_after, live=live))
+        return read_or_fail(store, lambda: pass_in_store(store, now=now, stale_after=stale_after, live=live))
+    rows = store.scan_all()
+    return read_or_fail(store, lambda: pass_over_rows(rows, now=now, stale_after=stale_after, live=live))
 
 
 def _available(group: tuple[Any, ...]) -> bool:

@@ -106,9 +106,10 @@ def public_key_option(purpose: str, required: bool = False) -> Callable[[F], F]:
         "public_keys",
         multiple=True,
         required=required,
+        envvar="AVIKA_PUBLIC_KEYS",
         callback=_public_keys,
         metavar="KEY",
-        help=purpose + " Base64 Ed25519 key; repeatable or comma-separated.",
+        help=purpose + " Base64 Ed25519 key; repeatable or comma-separated (env AVIKA_PUBLIC_KEYS).",
     )
 
 
@@ -118,7 +119,7 @@ endpoint_option = click.option(
     help="S3-compatible endpoint for an s3:// store (AWS_ENDPOINT_URL works too).",
 )
 
-signing_options = _apply(
+key_options = _apply(
     click.option(
         "--key",
         "key_files",
@@ -135,6 +136,11 @@ signing_options = _apply(
         metavar="ID",
         help="AWS KMS Ed25519 key to sign with (env AVIKA_KMS_KEY_ID).",
     ),
+)
+"""``--key | --kms-key-id``: the signing key (and so a key whose envelopes are believed)."""
+
+signing_options = _apply(
+    key_options,
     store_option,
     click.option(
         "--cloudfront-distribution",
@@ -150,13 +156,23 @@ signing_options = _apply(
 """``--key | --kms-key-id``, ``--store``, ``--cloudfront-distribution``, ``--endpoint-url``,
 ``--dry-run``, ``--json``: every command that signs takes these."""
 
-resign_options = _apply(
-    signing_options,
-    public_key_option(
-        "Also accept a live manifest signed by this key before re-signing it (after a key rotation)."
-    ),
+trusted_key_option = click.option(
+    "--trusted-key",
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    envvar="AVIKA_PUBLIC_KEYS",
+    callback=_public_keys,
+    metavar="KEY",
+    help="Also believe store envelopes signed by this key (e.g. the old key after a rotation); "
+    "the signing key's own are always believed. Base64 Ed25519; repeatable or comma-separated "
+    "(env AVIKA_PUBLIC_KEYS).",
 )
-"""What ``rollout``, ``halt`` and ``refresh`` share (``canary --halt`` will too)."""
+"""Every command that reads the store: only envelopes that verify with these keys or the signer's
+count (DESIGN section 2, "The store is not trusted by the publisher")."""
+
+resign_options = _apply(signing_options, trusted_key_option)
+"""What ``release``, ``rollout``, ``halt``, ``refresh``, ``rollback-to`` and ``canary --halt`` share."""
 
 source_options = _apply(store_option, url_option, endpoint_option)
 """``--store`` (with ``--endpoint-url``) or ``--url``: where ``show`` and ``verify`` read from."""

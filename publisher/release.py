@@ -1,30 +1,33 @@
-"""Publishing: the work behind ``release``, ``rollout``/``halt``/``refresh``, ``show`` and ``verify``.
+"""Publishing a release: the work behind ``release``, ``show`` and ``verify`` (re-signs: ``resign.py``).
 
 A release, in the order of DESIGN section 1 (so an interrupted run never leaves agents a manifest
 that points at something missing):
 
-1. hash and size every binary in one streaming pass;
-2. refuse what would hurt the fleet before writing anything: ``min_version`` above the version,
-   an older version without ``--downgrade``, new bytes for a published version without ``--force``
-   (section 2); an identical re-run (a CI retry) is a no-op;
-3. upload binaries to content-addressed keys (ones already there are not uploaded again);
-4. build the manifest at serial = 1 + max(current serial, every archived serial), sign it and
-   re-verify the envelope through the agent's own verifier (``agent.manifest.verify_manifest``);
-5. archive ``manifests/<serial>.json`` create-only: two concurrent publishes never share a serial;
-6. ``helm-values.yaml`` (with ``--image``), then ``manifest.json`` last, as a compare-and-swap
+1. refuse bad input before any I/O: a version or ``min_version`` that is no version, ``min_version``
+   above the version, a platform other than ``PLATFORMS``, a ``--reports-url`` that is not https
+   (plain http only to loopback), ``--image-digest`` without ``--image``;
+2. read the store as ``publisher.archive`` does (only what verifies counts) and refuse what would
+   hurt the fleet: a store that does not exist yet without ``--init`` (a typo in ``--store`` must not
+   start a new, empty fleet), an older version without ``--downgrade``, dropping a platform the
+   newest verified release has without ``--drop-platform``, new bytes for a published version
+   without ``--force``, no ``--reports-url`` when nothing verifies to take it from (it is kept from
+   the newest verified envelope, never from one that does not verify);
+3. hash and size every binary in one streaming pass; an identical re-run (a CI retry) is a no-op;
+4. upload binaries to content-addressed keys (ones already there are re-hashed, not uploaded again);
+5. build the manifest at the next free serial above the highest verified one, sign it and re-verify
+   the envelope through the agent's own verifier (``agent.manifest.verify_manifest``);
+6. archive ``manifests/<serial>.json`` create-only: two concurrent publishes never share a serial;
+7. ``helm-values.yaml`` (with ``--image``), then ``manifest.json`` last, as a compare-and-swap
    against what step 2 read, so the live pointer never moves back to a lower serial.
-
-A re-sign (``resign``: rollout, halt, refresh) is steps 4-6 over the current manifest: new serial,
-new expiry, same everything else (``rollout`` changes only the percent). It re-signs only a
-manifest that already verifies with the signing key (or a ``--public-key`` trusted for rotation),
-so a tampered ``manifest.json`` is never laundered by the daily refresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from packaging.version import InvalidVersion
 
@@ -52,10 +56,9 @@ from agent.manifest import (
     verify_envelope,
     verify_manifest,
 )
+from publisher.archive import StoreView, read_store
 from publisher.errors import PublishError, Refused, VerificationFailed
 from publisher.stores import (
-    ARCHIVE_PREFIX,
-    BINARIES_PREFIX,
     CHUNK,
     HELM_VALUES_KEY,
     MANIFEST_KEY,
@@ -66,12 +69,13 @@ from publisher.stores import (
     Store,
     StoreError,
     archive_key,
-    archive_serial,
     binary_key,
-    parse_binary_key,
 )
 
 DEFAULT_EXPIRES_IN = timedelta(days=30)
+PLATFORMS = ("linux-amd64", "linux-arm64")
+"""What a release may carry: the platforms an agent can be (``agent.environment``)."""
+_IMAGE_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")  # the manifest's container_digest rule, checked early
 
 Advance = Callable[[int], None]
 Progress = Callable[[str, int], AbstractContextManager[Advance]]
@@ -96,14 +100,17 @@ class ReleaseSpec:
     version: str
     binaries: Mapping[str, Path]
     image: str | None = None
+    image_digest: str | None = None
     min_version: str | None = None
     changelog: str = ""
     rollout_percent: int = 100
     rollout_salt: str | None = None  # None: the version
     expires_in: timedelta = DEFAULT_EXPIRES_IN
     downgrade: bool = False
-    reports_url: str | None = None  # None: keep the current manifest's; "": none
+    reports_url: str | None = None  # None: keep the live release's; "": none
     force: bool = False
+    drop_platforms: frozenset[str] = frozenset()
+    init: bool = False  # the store may be new (nothing published there yet)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Outcome:
     present: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -133,24 +141,17 @@ class Outcome:
             "store": self.location,
             "version": self.manifest.version,
             "serial": self.manifest.serial,
+            "percent": self.manifest.rollout.percent,
             "uploaded": self.uploaded,
             "present": self.present,
             "written": self.written,
             "notes": self.notes,
+            "warnings": self.warnings,
             "manifest": self.manifest.to_dict(),
         }
         if self.status == "dry_run":
             out["envelope"] = json.loads(self.envelope) if self.envelope else None
         return out
-
-
-@dataclass(frozen=True)
-class Current:
-    """The store's ``manifest.json`` as read at the start of a publish (decoded without trust)."""
-
-    envelope: bytes | None = None
-    token: str | None = None
-    manifest: Manifest | None = None
 
 
 # ---------------------------------------------------------------- steps
@@ -172,7 +173,8 @@ def hash_file(path: Path, advance: Advance | None = None) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def hash_binaries(binaries: Mapping[str, Path], progress: Progress = no_progress) -> list[LocalBinary]:
+def check_files(binaries: Mapping[str, Path]) -> int:
+    """Every ``--binary`` is a regular, non-empty file: their total size."""
     total = 0
     for platform, path in binaries.items():
         try:
@@ -182,6 +184,11 @@ def hash_binaries(binaries: Mapping[str, Path], progress: Progress = no_progress
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             raise Refused(f"--binary {platform}={path}: not a regular, non-empty file")
         total += st.st_size
+    return total
+
+
+def hash_binaries(binaries: Mapping[str, Path], progress: Progress = no_progress) -> list[LocalBinary]:
+    total = check_files(binaries)
     with progress("hashing", total) as advance:
         return [
             LocalBinary(platform, Path(path), *hash_file(Path(path), advance))
@@ -189,38 +196,16 @@ def hash_binaries(binaries: Mapping[str, Path], progress: Progress = no_progress
         ]
 
 
-def read_current(store: Store) -> Current:
-    versioned = store.read_versioned(MANIFEST_KEY)
-    if versioned.data is None:
-        return Current(token=versioned.token)
-    try:
-        manifest = parse_manifest(read_envelope_unverified(versioned.data))
-    except ManifestError as exc:
-        raise PublishError(
-            f"{MANIFEST_KEY} in {store.location} is unreadable ({exc.code}: {exc.message}); repair it first"
-        ) from None
-    return Current(versioned.data, versioned.token, manifest)
-
-
-def archived_serials(store: Store) -> list[int]:
-    """Every serial in ``manifests/``, highest first."""
-    serials = (archive_serial(key) for key in store.list(ARCHIVE_PREFIX))
-    return sorted((s for s in serials if s is not None), reverse=True)
-
-
-def next_serial(store: Store, current: Current) -> int:
-    """One above the current serial and every archived one (an interrupted publish never blocks)."""
-    serials = archived_serials(store)
-    if current.manifest is not None:
-        serials.append(current.manifest.serial)
-    return max(serials, default=0) + 1
-
-
-def _distinct_keys(keys: Iterable[PublicKey]) -> list[PublicKey]:
+def distinct_keys(keys: Iterable[PublicKey]) -> list[PublicKey]:
     return list(dict.fromkeys(keys))
 
 
-def _validate(manifest: Manifest) -> None:
+def trusted_keys(signers: Sequence[Signer], trusted: Sequence[PublicKey] = ()) -> list[PublicKey]:
+    """The keys whose envelopes the publisher believes: its signers' own and the ones given."""
+    return distinct_keys([*(s.public_key for s in signers), *trusted])
+
+
+def validate(manifest: Manifest) -> None:
     """Hold what we are about to sign to the one schema (platform names, ranges, versions)."""
     try:
         parse_manifest(manifest.to_payload())
@@ -229,10 +214,14 @@ def _validate(manifest: Manifest) -> None:
 
 
 def sign_checked(manifest: Manifest, signers: Sequence[Signer], now: datetime) -> tuple[Manifest, bytes]:
-    """Sign, then verify the envelope as an agent would, trusting exactly the signers' keys."""
+    """Sign, then verify the envelope as an agent would, trusting exactly the signers' keys.
+
+    With no manifest URL the agent's verifier passes only relative binary URLs: the publisher never
+    signs a manifest that sends agents to another host (DESIGN section 2, ``bad_url``).
+    """
     payload = manifest.to_payload()
     envelope = sign_envelope(payload, signers)
-    keys = _distinct_keys(s.public_key for s in signers)
+    keys = distinct_keys(s.public_key for s in signers)
     try:
         verified = verify_manifest(envelope, trusted=keys, threshold=len(keys), now=now)
     except ManifestError as exc:
@@ -256,11 +245,12 @@ def split_image(image: str) -> tuple[str, str, str]:
     return repository, tag, digest
 
 
-def helm_values(image: str) -> bytes:
-    """``image.repository`` / ``image.tag`` for ``helm upgrade -f`` (JSON strings are YAML strings)."""
-    repository, tag, digest = split_image(image)
-    lines = ["# Written by avika-publish release; the agent image for Kubernetes.", "image:"]
-    lines.append(f"  repository: {json.dumps(repository)}")
+def helm_values(image: str, digest: str | None = None) -> bytes:
+    """``image.repository`` / ``image.tag`` (/ ``image.digest``) for ``helm upgrade -f``."""
+    repository, tag, in_ref = split_image(image)
+    digest = digest or in_ref
+    lines = ["# Written by avika-publish; the agent image for Kubernetes.", "image:"]
+    lines.append(f"  repository: {json.dumps(repository)}")  # JSON strings are YAML strings
     if tag:
         lines.append(f"  tag: {json.dumps(tag)}")
     if digest:
@@ -275,6 +265,35 @@ def _version(text: str, what: str) -> str:
         raise Refused(f"{what} {text!r} is not a version (PEP 440, e.g. 0.1.44 or v0.1.44)") from None
 
 
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reports_url(url: str) -> None:
+    """Agents send their report token there: absolute https, or plain http to loopback only
+    (127.0.0.0/8, ::1, ``localhost``: DESIGN section 5). "" means no reports."""
+    if url == "":
+        return
+    why = "must be an absolute https URL (plain http only to 127.0.0.0/8, ::1 or localhost)"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise Refused(f"--reports-url {url!r} has spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise Refused(f"--reports-url {url!r} does not parse ({exc}); it {why}") from None
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if parts.username is not None or parts.password is not None or parts.fragment:
+        raise Refused(f"--reports-url {url!r} carries credentials or a fragment; it {why}")
+    if not host or not (scheme == "https" or (scheme == "http" and _loopback(host))):
+        raise Refused(f"--reports-url {url!r} {why}")
+
+
 def _check_spec(spec: ReleaseSpec) -> tuple[str, str | None]:
     """The pure refusals, before any I/O: (version, min_version), both normalised."""
     version = _version(spec.version, "version")
@@ -283,20 +302,73 @@ def _check_spec(spec: ReleaseSpec) -> tuple[str, str | None]:
         raise Refused(f"--min-version {min_version} is above the release's own version {version}")
     if spec.expires_in <= timedelta(0):
         raise Refused("--expires-in must be positive")
+    unknown = sorted(set(spec.binaries) - set(PLATFORMS))
+    if unknown:
+        raise Refused(
+            f"--binary {unknown[0]}=...: {unknown[0]!r} is not a platform agents run on "
+            f"(one of: {', '.join(PLATFORMS)})"
+        )
+    both = sorted(set(spec.binaries) & spec.drop_platforms)
+    if both:
+        raise Refused(f"--drop-platform {both[0]} and --binary {both[0]}=... contradict each other")
+    if spec.reports_url is not None:
+        check_reports_url(spec.reports_url)
+    if spec.image_digest is not None:
+        if not spec.image:
+            raise Refused("--image-digest needs --image (the digest pins that image)")
+        if not _IMAGE_DIGEST_RE.fullmatch(spec.image_digest):
+            raise Refused(f"--image-digest {spec.image_digest!r} is not sha256:<64 lowercase hex digits>")
     return version, min_version
+
+
+def _check_store(spec: ReleaseSpec, version: str, view: StoreView) -> tuple[str | None, list[str]]:
+    """The refusals that need the store's verified content: (reports_url to sign, notes)."""
+    if not view.exists and not spec.init:
+        raise Refused(
+            f"{view.location} holds no release yet: pass --init to start a new store there (a mistyped "
+            "--store, or one that came out as 'None', must not start a new, empty fleet)"
+        )
+    notes: list[str] = []
+    head = view.head.manifest if view.head is not None else None
+    if head is not None and parse_version(version) < head.parsed_version and not spec.downgrade:
+        raise Refused(
+            f"{version} is older than the current release {head.version}: agents ignore it unless it is "
+            "signed as a downgrade; pass --downgrade to roll the fleet back"
+        )
+    if head is not None:
+        dropped = sorted(set(head.binaries) - set(spec.binaries) - spec.drop_platforms)
+        if dropped:
+            raise Refused(
+                f"the current release {head.version} (serial {head.serial}) has {', '.join(dropped)}, which "
+                f"this release lacks: agents there would be left behind; give --binary {dropped[0]}=PATH, "
+                f"or --drop-platform {dropped[0]} to stop shipping it"
+            )
+        gone = sorted(spec.drop_platforms - set(head.binaries))
+        if gone:
+            notes.append(f"--drop-platform {', '.join(gone)}: the current release has no such binary")
+    if spec.reports_url is not None:
+        return spec.reports_url or None, notes
+    if view.head is not None and head is not None:
+        if view.head.key != MANIFEST_KEY:
+            notes.append(f"reports_url taken from {view.head.key}, the newest envelope that verifies")
+        return head.reports_url, notes
+    if not view.exists:
+        return None, notes  # a new store: nothing to inherit, nothing lost
+    raise Refused(
+        f"nothing in {view.location} verifies with the trusted keys, so there is no reports_url to keep "
+        f"({view.no_live_release()}): pass --reports-url URL (or --reports-url '' for none), and "
+        "--trusted-key if the store was signed with another key"
+    )
 
 
 def _build(
     spec: ReleaseSpec,
     version: str,
     min_version: str | None,
+    reports_url: str | None,
     local: list[LocalBinary],
-    current: Current,
     now: datetime,
 ) -> Manifest:
-    reports_url = spec.reports_url
-    if reports_url is None and current.manifest is not None:
-        reports_url = current.manifest.reports_url
     manifest = Manifest(
         serial=1,  # a placeholder: the real serial is assigned just before the archive write
         version=version,
@@ -307,13 +379,15 @@ def _build(
             for b in local
         },
         container_image=spec.image or None,
+        container_digest=spec.image_digest,
         min_version=min_version,
         changelog=spec.changelog,
         rollout=Rollout(spec.rollout_percent, version if spec.rollout_salt is None else spec.rollout_salt),
         downgrade=spec.downgrade,
-        reports_url=reports_url or None,
+        reports_url=reports_url,
+        signed_at=now,
     )
-    _validate(manifest)
+    validate(manifest)
     return manifest
 
 
@@ -326,57 +400,34 @@ def _substance(manifest: Manifest) -> dict[str, Any]:
 
 
 def _already_published(
-    candidate: Manifest, current: Current, signers: Sequence[Signer], now: datetime
+    candidate: Manifest, view: StoreView, signers: Sequence[Signer], now: datetime
 ) -> bool:
-    """A CI retry: the live manifest says exactly this, is not expired and is signed by these keys."""
-    live = current.manifest
-    if live is None or current.envelope is None or _substance(live) != _substance(candidate):
+    """A CI retry: the live release says exactly this, is not expired and is signed by these keys."""
+    live = view.live_release
+    if live is None or view.live is None or _substance(live) != _substance(candidate) or live.expires <= now:
         return False
-    if live.expires <= now:
-        return False
-    keys = _distinct_keys(s.public_key for s in signers)
+    keys = distinct_keys(s.public_key for s in signers)
     if keys:
         try:
-            verify_envelope(current.envelope, keys, threshold=len(keys))
+            verify_envelope(view.live.data, keys, threshold=len(keys))
         except ManifestError:
             return False
     return True
 
 
-def _latest_manifest_of(store: Store, version: str, current: Current) -> Manifest | None:
-    """The newest manifest (live, else archived) that published ``version``."""
-    if current.manifest is not None and current.manifest.version == version:
-        return current.manifest
-    for serial in archived_serials(store):
-        data = store.read(archive_key(serial))
-        try:
-            archived = parse_manifest(read_envelope_unverified(data or b""))
-        except ManifestError:
-            continue
-        if archived.version == version:
-            return archived
-    return None
-
-
-def _refuse_new_bytes(store: Store, version: str, local: list[LocalBinary], current: Current) -> None:
-    """New bytes under a published version+platform are refused (``--force`` skips this check)."""
+def _refuse_new_bytes(view: StoreView, version: str, local: list[LocalBinary]) -> None:
+    """New bytes for a version+platform that a verified manifest published are refused
+    (``--force`` skips this check); the newest verified manifest of the version is the truth."""
+    published = view.verified_of(version)
     known: dict[str, set[str]] = {}
-    for key in store.list(f"{BINARIES_PREFIX}{version}/"):
-        parsed = parse_binary_key(key)
-        if parsed is not None and parsed[0] == version:
-            known.setdefault(parsed[2], set()).add(parsed[1])
-    if current.manifest is not None and current.manifest.version == version:
-        for platform, binary in current.manifest.binaries.items():
+    for manifest in published:
+        for platform, binary in manifest.binaries.items():
             known.setdefault(platform, set()).add(binary.sha256)
     clashes = [b for b in local if known.get(b.platform, set()) - {b.sha256}]
     if not clashes:
         return
-    # A version re-published with --force leaves its old bytes in the store; the newest manifest
-    # of the version says which bytes are the version now.
-    latest = _latest_manifest_of(store, version, current)
-    if latest is not None and all(
-        b.platform in latest.binaries and latest.binaries[b.platform].sha256 == b.sha256 for b in clashes
-    ):
+    latest = published[0]
+    if all(b.platform in latest.binaries and latest.binaries[b.platform].sha256 == b.sha256 for b in clashes):
         return
     details = "; ".join(
         f"{b.platform}: published sha256 {', '.join(sorted(known[b.platform] - {b.sha256}))}, "
@@ -389,23 +440,45 @@ def _refuse_new_bytes(store: Store, version: str, local: list[LocalBinary], curr
     )
 
 
+def stored_binary_problem(
+    store: Reader, key: str, sha256: str, size: int, advance: Advance | None = None
+) -> str | None:
+    """Does ``key`` in the store hold exactly these bytes? None, or what is wrong (re-hashed)."""
+    digest, total = hashlib.sha256(), 0
+    try:
+        for chunk in store.stream(key):
+            total += len(chunk)
+            if total > size:
+                return f"{key} is larger than {size} bytes"
+            digest.update(chunk)
+            if advance:
+                advance(len(chunk))
+    except NotFound:
+        return f"{key} is missing"
+    if total != size or digest.hexdigest() != sha256:
+        return f"{key} is {total} bytes with sha256 {digest.hexdigest()}, expected {size} bytes, {sha256}"
+    return None
+
+
 def _pending_uploads(
     store: Store, version: str, local: list[LocalBinary]
 ) -> tuple[list[tuple[LocalBinary, str]], list[str]]:
-    """(binaries to upload with their keys, keys already in the store)."""
+    """(binaries to upload with their keys, keys already in the store with exactly these bytes)."""
     pending: list[tuple[LocalBinary, str]] = []
     present: list[str] = []
     for b in local:
         key = binary_key(version, b.sha256, b.platform)
-        have = store.size(key)
-        if have is None:
+        if store.size(key) is None:
             pending.append((b, key))
-        elif have == b.size:
-            present.append(key)
-        else:
+            continue
+        # Anyone who can write to the store can replace an "immutable" object: re-hash what we reuse.
+        problem = stored_binary_problem(store, key, b.sha256, b.size)
+        if problem is not None:
             raise StoreError(
-                f"{key} in {store.location} is {have} bytes, expected {b.size}: the store is damaged"
+                f"{problem} in {store.location}: the store was changed behind the publisher's back; "
+                "nothing was published (move that object away and re-run)"
             )
+        present.append(key)
     return pending, present
 
 
@@ -429,12 +502,13 @@ def publish_envelope(
     store: Store,
     manifest: Manifest,
     envelope: bytes,
-    current: Current,
+    live_token: str | None,
     *,
     helm: bytes | None = None,
     invalidate: Invalidate | None = None,
 ) -> list[str]:
-    """Archive create-only, then helm values, then ``manifest.json`` last (compare-and-swap)."""
+    """Archive create-only, then helm values, then ``manifest.json`` last (compare-and-swap
+    against ``live_token``, the token ``manifest.json`` had when the publish read the store)."""
     archived = archive_key(manifest.serial)
     try:
         store.put_immutable(archived, envelope)
@@ -448,7 +522,7 @@ def publish_envelope(
         store.put_mutable(HELM_VALUES_KEY, helm)
         written.append(HELM_VALUES_KEY)
     try:
-        store.put_mutable(MANIFEST_KEY, envelope, if_match=current.token)
+        store.put_mutable(MANIFEST_KEY, envelope, if_match=live_token)
     except Conflict:
         raise PublishError(
             f"{MANIFEST_KEY} changed while serial {manifest.serial} was being published (a concurrent "
@@ -460,16 +534,17 @@ def publish_envelope(
     return written
 
 
-def _sign_for(
+def sign_for(
     manifest: Manifest, signers: Sequence[Signer], now: datetime, notes: list[str]
 ) -> tuple[Manifest, bytes | None]:
+    """Sign for a dry run: without signers the manifest is shown unsigned."""
     if signers:
         return sign_checked(manifest, signers, now)
     notes.append("no signing key given: the manifest was not signed")
     return manifest, None
 
 
-# ---------------------------------------------------------------- operations
+# ---------------------------------------------------------------- release
 
 
 def release(
@@ -477,100 +552,51 @@ def release(
     signers: Sequence[Signer],
     spec: ReleaseSpec,
     *,
+    trusted: Sequence[PublicKey] = (),
     now: datetime | None = None,
     dry_run: bool = False,
     progress: Progress = no_progress,
     invalidate: Invalidate | None = None,
 ) -> Outcome:
-    """Publish ``spec`` (DESIGN sections 1 and 2). A dry run may have no signers."""
+    """Publish ``spec`` (DESIGN sections 1 and 2; steps in the module docstring).
+
+    ``trusted``: keys besides the signers' whose envelopes in the store are believed (a rotation).
+    A dry run may have no signers (then only ``trusted`` keys are believed).
+    """
     now = _now(now)
     if not signers and not dry_run:
         raise Refused("a release needs a signing key")
     version, min_version = _check_spec(spec)
-    current = read_current(store)
-    live = current.manifest
-    if live is not None and parse_version(version) < live.parsed_version and not spec.downgrade:
-        raise Refused(
-            f"{version} is older than the current release {live.version}: agents ignore it unless it is "
-            "signed as a downgrade; pass --downgrade to roll the fleet back"
-        )
+    check_files(spec.binaries)  # local mistakes first, before the store is read
+    view = read_store(store, trusted_keys(signers, trusted))
+    warnings = view.warnings()
+    reports_url, notes = _check_store(spec, version, view)
     local = hash_binaries(spec.binaries, progress)
-    candidate = _build(spec, version, min_version, local, current, now)
-    if _already_published(candidate, current, signers, now):
+    candidate = _build(spec, version, min_version, reports_url, local, now)
+    if _already_published(candidate, view, signers, now):
+        live = view.live_release
         assert live is not None
-        return Outcome(
-            "unchanged", live, store.location, current.envelope,
-            notes=[f"{version} is already published as serial {live.serial}; nothing to do"],
-        )  # fmt: skip
+        note = f"{version} is already published as serial {live.serial} in {store.location}; nothing to do"
+        envelope = view.live.data if view.live else None
+        return Outcome("unchanged", live, store.location, envelope, notes=[note], warnings=warnings)
     if not spec.force:
-        _refuse_new_bytes(store, version, local, current)
+        _refuse_new_bytes(view, version, local)
     pending, present = _pending_uploads(store, version, local)
-    helm = helm_values(spec.image) if spec.image else None
+    helm = helm_values(spec.image, spec.image_digest) if spec.image else None
+    serial = view.next_serial()
     if dry_run:
-        notes: list[str] = []
-        manifest, envelope = _sign_for(
-            replace(candidate, serial=next_serial(store, current)), signers, now, notes
-        )
-        written = [archive_key(manifest.serial), *([HELM_VALUES_KEY] if helm else []), MANIFEST_KEY]
+        manifest, envelope = sign_for(replace(candidate, serial=serial), signers, now, notes)
+        written = [archive_key(serial), *([HELM_VALUES_KEY] if helm else []), MANIFEST_KEY]
         uploads = [key for _, key in pending]
-        return Outcome("dry_run", manifest, store.location, envelope, uploads, present, written, notes)
-    uploaded, raced = _upload(store, pending, progress)
-    manifest, envelope = sign_checked(replace(candidate, serial=next_serial(store, current)), signers, now)
-    written = publish_envelope(store, manifest, envelope, current, helm=helm, invalidate=invalidate)
-    return Outcome("published", manifest, store.location, envelope, uploaded, present + raced, written)
-
-
-def resign(
-    store: Store,
-    signers: Sequence[Signer],
-    *,
-    percent: int | None = None,
-    expires_in: timedelta = DEFAULT_EXPIRES_IN,
-    trusted: Sequence[PublicKey] = (),
-    now: datetime | None = None,
-    dry_run: bool = False,
-    invalidate: Invalidate | None = None,
-) -> Outcome:
-    """Re-sign the live manifest: serial + 1, new expiry, and (``percent``) a new rollout percent."""
-    now = _now(now)
-    if not signers and not dry_run:
-        raise Refused("re-signing needs a signing key")
-    if expires_in <= timedelta(0):
-        raise Refused("--expires-in must be positive")
-    current = read_current(store)
-    live = current.manifest
-    if live is None or current.envelope is None:
-        raise PublishError(f"no {MANIFEST_KEY} in {store.location}: nothing to re-sign (release first)")
-    keys = _distinct_keys([*(s.public_key for s in signers), *trusted])
-    if keys:
-        try:
-            verify_envelope(current.envelope, keys)
-        except ManifestError as exc:
-            raise VerificationFailed(
-                exc.code,
-                f"the live {MANIFEST_KEY} (serial {live.serial}) is not signed by a trusted key "
-                f"({exc.code}); refusing to re-sign it. After a key rotation, trust the old key with "
-                "--public-key",
-            ) from None
-    rollout = live.rollout if percent is None else Rollout(percent, live.rollout.salt)
-    manifest = replace(
-        live, serial=next_serial(store, current), expires=now + expires_in, rollout=rollout, raw=b""
-    )
-    _validate(manifest)
-    if dry_run:
-        notes: list[str] = []
-        manifest, envelope = _sign_for(manifest, signers, now, notes)
         return Outcome(
-            "dry_run",
-            manifest,
-            store.location,
-            envelope,
-            written=[archive_key(manifest.serial), MANIFEST_KEY],
-            notes=notes,
+            "dry_run", manifest, store.location, envelope, uploads, present, written, notes, warnings
         )
-    manifest, envelope = sign_checked(manifest, signers, now)
-    written = publish_envelope(store, manifest, envelope, current, invalidate=invalidate)
-    return Outcome("published", manifest, store.location, envelope, written=written)
+    uploaded, raced = _upload(store, pending, progress)
+    manifest, envelope = sign_checked(replace(candidate, serial=serial), signers, now)
+    written = publish_envelope(store, manifest, envelope, view.live_token, helm=helm, invalidate=invalidate)
+    return Outcome(
+        "published", manifest, store.location, envelope, uploaded, present + raced, written, notes, warnings
+    )
 
 
 def show(reader: Reader) -> Manifest:

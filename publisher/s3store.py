@@ -51,6 +51,7 @@ from publisher.stores import (
     AlreadyExists,
     Conflict,
     NotFound,
+    Oversized,
     Progress,
     Store,
     StoreError,
@@ -197,15 +198,16 @@ class S3Store(Store):
 
     # ------------------------------------------------------------ reading
 
-    def read_versioned(self, key: str) -> Versioned:
+    def read_versioned(self, key: str, *, limit: int = MAX_READ_BYTES) -> Versioned:
         name = self.name(key)
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=name)
-            if response.get("ContentLength", 0) > MAX_READ_BYTES:
-                response["Body"].close()
-                raise StoreError(f"s3://{self.bucket}/{name} is over {MAX_READ_BYTES} bytes; not a manifest")
             with contextlib.closing(response["Body"]) as body:
-                data = body.read()
+                if response.get("ContentLength", 0) > limit:
+                    raise Oversized(f"s3://{self.bucket}/{name} is over {limit} bytes; not a manifest")
+                data = body.read(limit + 1)
+            if len(data) > limit:
+                raise Oversized(f"s3://{self.bucket}/{name} is over {limit} bytes; not a manifest")
         except ClientError as exc:
             if _is_missing(exc):
                 return Versioned(None, None)
@@ -214,8 +216,8 @@ class S3Store(Store):
             raise self._fail("GetObject", name, exc) from None
         return Versioned(data, response["ETag"])
 
-    def read(self, key: str) -> bytes | None:
-        return self.read_versioned(key).data
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
+        return self.read_versioned(key, limit=limit).data
 
     def size(self, key: str) -> int | None:
         name = self.name(key)

@@ -12,12 +12,22 @@
   atomic replace of ``manifest.json`` mid-request never pairs one content with another's ETag.
 - ``POST /v1/reports`` is ``infra.reports.core.ReportsEndpoint`` over ``--reports`` (404 without it).
 - With ``--console``, ``/console/...`` and the operator API (``/v1/fleet`` ...) go to
-  ``publisher.console_app.ConsoleMount`` (a small hook in ``_route``; the body of a POST is read
-  up to its cap, else 411/413).
+  ``publisher.console_app.ConsoleMount`` (a small hook in ``_route``; a POST's body is read up to
+  the console's cap through ``_body``).
+
+Hostile requests (the request-parsing layer, before any route): ``Content-Length`` must be ASCII
+digits, one value, else 400 and the connection closes, before a byte of body is read; a body is
+read only up to its route's limit (``_body``: 411 without a length or with ``Transfer-Encoding``,
+413 over the limit). Range numbers have at most 19 digits (more: the header is ignored). A
+whitespace-only request line gets 400, one empty line before a request is skipped (RFC 9112
+section 2.2), and a two-word (HTTP/0.9) request is answered as HTTP/1.0, with a status line. Every
+request gets an HTTP answer (an explicit ``HTTP/0.9`` gets 505); ``tests/test_publisher_serve_fuzz.py``
+holds it to that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -26,6 +36,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,8 +50,12 @@ from publisher.errors import Refused
 from publisher.stores import CHUNK, object_headers
 
 REPORTS_PATH = "/v1/reports"
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_RE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})", re.ASCII)  # ints of any size stay cheap
+_LENGTH_RE = re.compile(r"[0-9]+", re.ASCII)  # int() also takes "-1", "+5", "1_0", Arabic-Indic digits
+_LENGTH_DIGITS = 15  # more digits than any limit here: too large, without building a huge int
 _ETAG_CACHE_ENTRIES = 4096
+LINGER_SECONDS = 2.0  # how long a closing connection drains what the client still sends ...
+LINGER_BYTES = 16 << 20  # ... and how much of it, at most (read in 1 MiB steps and discarded)
 UNSATISFIABLE = "unsatisfiable"
 
 
@@ -69,6 +84,26 @@ def etag_matches(header: str, etag: str) -> bool:
     return "*" in tags or etag in (t.removeprefix("W/") for t in tags)
 
 
+class BadFraming(ValueError):
+    """A request whose body length cannot be known: 400, and the connection closes."""
+
+
+def content_length(values: list[str] | None) -> int | None:
+    """The body length a request declares: None without ``Content-Length``; ``BadFraming`` unless
+    every value is the same run of ASCII digits (RFC 9110 section 8.6)."""
+    if not values:
+        return None
+    stripped = {v.strip(" \t") for v in values}
+    if len(stripped) != 1:
+        raise BadFraming("several different Content-Length values")
+    value = stripped.pop()
+    if not _LENGTH_RE.fullmatch(value):
+        raise BadFraming(f"Content-Length {value[:40]!r} is not a number of bytes")
+    if len(value) > _LENGTH_DIGITS:
+        return 10**_LENGTH_DIGITS  # beyond every limit
+    return int(value)
+
+
 class UpdateServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -83,6 +118,25 @@ class UpdateServer(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def shutdown_request(self, request: Any) -> None:
+        """A lingering close: FIN after the answer, then discard what the client still sends (at most
+        ``LINGER_BYTES`` for ``LINGER_SECONDS``) before closing. Closing a socket with unread input
+        sends a reset that can destroy the answer in flight, so a client refused early (413, 400,
+        411: its body was never read) would see a dropped connection instead of the status."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            deadline, budget = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+            while budget > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                request.settimeout(left)
+                data = request.recv(min(CHUNK, budget))
+                if not data:
+                    break
+                budget -= len(data)
+        self.close_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], ConnectionError):  # a client went away: not our error
@@ -115,8 +169,66 @@ class UpdateServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: UpdateServer
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # errors before the version is known still get a status line
     server_version = "avika-publish"
     timeout = 60  # an idle keep-alive connection does not hold a thread for ever
+
+    # ------------------------------------------------------------ request parsing
+
+    def parse_request(self) -> bool:
+        if self.raw_requestline in (b"\r\n", b"\n"):  # RFC 9112 section 2.2: skip one empty line
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return False
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.command = "", ""
+                self.send_error(414)
+                return False
+        ok = super().parse_request()
+        if not ok and not self.requestline.split():  # the base class answers nothing to a blank line
+            self.send_error(400, "Empty request line")
+        if ok and self.request_version == "HTTP/0.9":  # "GET / HTTP/0.9": its answers have no status line
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+            self.send_error(505, "HTTP/0.9 is not supported")
+            return False
+        return ok
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        # The base class writes no status line for HTTP/0.9 (an error found after the version was
+        # read, e.g. "X Y /a HTTP/0.9"): every answer here is HTTP/1.x.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        super().send_response_only(code, message)
+
+    def _framing(self, method: str) -> bool:
+        """Can the request's body be delimited? Answers 400 and returns False when it cannot."""
+        try:
+            self._length = content_length(self.headers.get_all("Content-Length"))
+        except BadFraming as exc:
+            self.close_connection = True
+            self._plain(400, f"bad request: {exc}")
+            return False
+        self._chunked = self.headers.get("Transfer-Encoding") is not None
+        self._keep_alive = not self.close_connection  # as the request's version and Connection say
+        if self._chunked or self._length:
+            # A body that no route reads must never be parsed as the next request.
+            self.close_connection = True
+        return True
+
+    def _body(self, limit: int) -> bytes | int:
+        """The request body, read only if its length is declared and at most ``limit``; else the
+        status to answer (411 none declared or chunked, 413 too large), the connection closing."""
+        if self._chunked or self._length is None:
+            self.close_connection = True
+            return 411
+        if self._length > limit:
+            self.close_connection = True
+            return 413
+        body = self.rfile.read(self._length)
+        self.close_connection = not self._keep_alive or len(body) < self._length  # read: reusable
+        return body
 
     # ------------------------------------------------------------ routing
 
@@ -136,7 +248,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("DELETE")
 
     def _route(self, method: str) -> None:
-        path = urlsplit(self.path).path
+        if not self._framing(method):
+            return
+        try:
+            path = urlsplit(self.path).path
+        except ValueError:  # e.g. "//[::1/": an invalid IPv6 authority
+            self._plain(400, "bad request target")
+            return
         if self.server.console is not None and self.server.console.wants(path):
             self._console(method)
             return
@@ -170,37 +288,29 @@ class _Handler(BaseHTTPRequestHandler):
         assert self.server.reports is not None
         body = b""
         if method == "POST":
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self.close_connection = True
+            read = self._body(MAX_BODY_BYTES)
+            if read == 411:
                 self._plain(411, "Content-Length required")
                 return
-            if length > MAX_BODY_BYTES:  # answer without reading an oversized body
-                self.close_connection = True
+            if read == 413:  # answered without reading the body
                 too_large = error(413, "too_large", f"body exceeds {MAX_BODY_BYTES} bytes; split the batch")
                 self._send(too_large.status, too_large.all_headers(), too_large.encoded())
                 return
-            body = self.rfile.read(length)
+            assert isinstance(read, bytes)
+            body = read
         status, headers, data = self.server.reports.handle(method, dict(self.headers.items()), body)
         self._send(status, headers, data)
 
     def _console(self, method: str) -> None:
-        """Hand a console request to the mount; only a POST's body is read (capped)."""
+        """Hand a console request to the mount; only a POST's body is read (up to its cap)."""
         console = self.server.console
         body = b""
-        if method == "POST":
-            try:
-                length = int(self.headers.get("Content-Length", "0").strip() or "0")
-            except ValueError:
-                length = -1
-            if not 0 <= length <= console.MAX_BODY:
-                self.close_connection = True
-                self._plain(411 if length < 0 else 413, "bad or too large Content-Length")
+        if method == "POST" and (self._chunked or self._length is not None):
+            read = self._body(console.MAX_BODY)  # no length and not chunked: no body (RFC 9112 6.3)
+            if isinstance(read, int):
+                self._plain(read, "Content-Length required" if read == 411 else "body too large")
                 return
-            body = self.rfile.read(length)
-        elif method not in ("GET", "HEAD"):
-            self.close_connection = True  # a body we do not read must not be parsed as the next request
+            body = read
         status, headers, data = console.handle(method, self.path, dict(self.headers.items()), body)
         self._send(status, headers, b"" if method == "HEAD" else data)
 
@@ -287,6 +397,8 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in {**common, **extra, "Content-Type": content_type}.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(length))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if head:
             return

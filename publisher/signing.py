@@ -137,6 +137,11 @@ def load_signers(key_files: Sequence[str], kms_key_ids: Sequence[str]) -> list[S
         raise Refused(
             "no signing key: pass --key KEY or --kms-key-id ID (or set AVIKA_SIGNING_KEY / AVIKA_KMS_KEY_ID)"
         )
+    # A CI variable that is unset arrives as --kms-key-id "" (or --key ""): name it, not botocore.
+    if any(not path.strip() for path in key_files):
+        raise Refused("--key is empty (is AVIKA_SIGNING_KEY set?): give the path of the signing key file")
+    if any(not key_id.strip() for key_id in kms_key_ids):
+        raise Refused("--kms-key-id is empty (is AVIKA_KMS_KEY_ID set?): give the KMS key id, ARN or alias")
     signers: list[Signer] = [load_key_file(path) for path in key_files]
     signers += [KmsSigner(key_id) for key_id in kms_key_ids]
     return signers

@@ -1,4 +1,4 @@
-"""Where releases live (DESIGN section 2, store layout): one interface, a directory now, S3 next.
+"""Where releases live (DESIGN section 2, store layout): one interface; a directory here, S3 in ``s3store``.
 
 Keys are '/'-joined strings under the store's prefix (``manifest.json``,
 ``manifests/42.json``, ``binaries/0.1.44/<sha256>/avika-agent-linux-amd64``), so the same
@@ -15,7 +15,8 @@ code drives a directory and an S3 bucket. What every implementation guarantees:
 - ``read`` is for small objects (manifests); binaries are streamed with ``stream``.
 
 ``Reader`` is the read half (``show`` and ``verify``); ``HttpReader`` implements it over HTTP(S) so
-``verify --url`` audits exactly what the CDN serves.
+``verify --url`` audits exactly what the CDN serves. ``publisher.store_url`` turns a store URL into
+one of these.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.state import fsync_dir, write_bytes_atomic
-from publisher.errors import PublishError, Refused
+from publisher.errors import PublishError
 
 CHUNK = 1 << 20
 MANIFEST_KEY = "manifest.json"
@@ -44,7 +45,8 @@ ARCHIVE_PREFIX = "manifests/"
 BINARIES_PREFIX = "binaries/"
 SHORT_LIVED = "public, max-age=60"
 IMMUTABLE = "public, max-age=31536000, immutable"
-# HttpReader.read is for manifests; anything bigger than this is not one (the envelope limit is 1 MiB).
+# ``read`` is for manifests; anything bigger than this is not one (the envelope limit is 1 MiB), and
+# a junk object in the store must never be read into memory whole.
 MAX_READ_BYTES = 16 << 20
 _ARCHIVE_RE = re.compile(r"^manifests/(0|[1-9][0-9]{0,18})\.json$")
 _BINARY_RE = re.compile(r"^binaries/([^/]+)/([0-9a-f]{64})/avika-agent-([^/]+)$")
@@ -69,6 +71,12 @@ class Conflict(StoreError):
     """A compare-and-swap lost: the object changed since it was read."""
 
     code = "conflict"
+
+
+class Oversized(StoreError):
+    """An object ``read`` was asked for is larger than the caller's limit (so it is no manifest)."""
+
+    code = "oversized"
 
 
 # ---------------------------------------------------------------- layout
@@ -147,8 +155,8 @@ class Reader(ABC):
     location: str
 
     @abstractmethod
-    def read(self, key: str) -> bytes | None:
-        """A small object's bytes, or None when it does not exist."""
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
+        """A small object's bytes, or None when it does not exist; ``Oversized`` past ``limit``."""
 
     @abstractmethod
     def stream(self, url: str) -> Iterator[bytes]:
@@ -160,8 +168,8 @@ class Store(Reader):
     """A place to publish to: a directory or (later) an S3 prefix."""
 
     @abstractmethod
-    def read_versioned(self, key: str) -> Versioned:
-        """The object and its compare-and-swap token."""
+    def read_versioned(self, key: str, *, limit: int = MAX_READ_BYTES) -> Versioned:
+        """The object and its compare-and-swap token; ``Oversized`` past ``limit``."""
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -223,14 +231,21 @@ class DirStore(Store):
     def path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
         try:
-            return self.path(key).read_bytes()
+            fh = open(self.path(key), "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        with fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise Oversized(f"{key} in {self.location} is over {limit} bytes; not a manifest")
+        return data
 
-    def read_versioned(self, key: str) -> Versioned:
-        data = self.read(key)
+    def read_versioned(self, key: str, *, limit: int = MAX_READ_BYTES) -> Versioned:
+        data = self.read(key, limit=limit)
         return Versioned(data, _content_token(data))
 
     def size(self, key: str) -> int | None:
@@ -400,7 +415,7 @@ class HttpReader(Reader):
     def url(self, key: str) -> str:
         return urljoin(self.location + "/", key)
 
-    def read(self, key: str) -> bytes | None:
+    def read(self, key: str, *, limit: int = MAX_READ_BYTES) -> bytes | None:
         try:
             chunks = _http_chunks(self.url(key), self._session)
         except NotFound:
@@ -408,44 +423,10 @@ class HttpReader(Reader):
         data = bytearray()
         for chunk in chunks:
             data += chunk
-            if len(data) > MAX_READ_BYTES:
-                raise StoreError(f"{self.url(key)} is over {MAX_READ_BYTES} bytes; not a manifest")
+            if len(data) > limit:
+                chunks.close()
+                raise Oversized(f"{self.url(key)} is over {limit} bytes; not a manifest")
         return bytes(data)
 
     def stream(self, url: str) -> Iterator[bytes]:
         return _http_chunks(self.url(url), self._session)
-
-
-# ---------------------------------------------------------------- URLs
-
-
-def open_store(url: str, *, endpoint_url: str | None = None) -> Store:
-    """``s3://bucket/prefix`` (``publisher.s3store``), ``file:///absolute/path`` or a plain path."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "s3":
-        from publisher.s3store import S3Store  # boto3 only for commands that use S3
-
-        return S3Store.from_url(url, endpoint_url=endpoint_url)
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise Refused(f"store {url!r}: a file URL must be file:///absolute/path")
-        return DirStore(Path(unquote(parts.path)))
-    if scheme in ("http", "https"):
-        raise Refused(
-            f"store {url!r} is read-only over HTTP: publish to its directory or bucket, read with --url"
-        )
-    if scheme and len(scheme) > 1:  # (a one-letter "scheme" is a Windows drive)
-        raise Refused(f"store {url!r}: unsupported scheme {parts.scheme!r}; use file:///PATH or a directory")
-    if not url:
-        raise Refused("store is empty: pass --store or set AVIKA_STORE")
-    return DirStore(Path(url).expanduser().absolute())
-
-
-def open_reader(store_url: str | None, url: str | None, *, endpoint_url: str | None = None) -> Reader:
-    """``--url`` (HTTP, what agents see) wins over ``--store``."""
-    if url:
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            raise Refused(f"--url {url!r} must be an http(s) URL; use --store for a directory")
-        return HttpReader(url)
-    return open_store(store_url or "", endpoint_url=endpoint_url)

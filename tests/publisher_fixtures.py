@@ -69,7 +69,14 @@ def new_key_file(directory: Path, name: str = "signing.pem") -> KeyFile:
 def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     """Run ``avika-publish`` in-process; stderr is kept apart from stdout."""
     base: dict[str, str | None] = {
-        name: None for name in ("AVIKA_STORE", "AVIKA_SIGNING_KEY", "AVIKA_KMS_KEY_ID", "AVIKA_REPORTS")
+        name: None
+        for name in (
+            "AVIKA_STORE",
+            "AVIKA_SIGNING_KEY",
+            "AVIKA_KMS_KEY_ID",
+            "AVIKA_REPORTS",
+            "AVIKA_PUBLIC_KEYS",
+        )
     }
     return CliRunner().invoke(main, list(args), env={**base, **(env or {})}, catch_exceptions=False)
 

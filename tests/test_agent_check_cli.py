@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from agent import buildinfo, check, config, environment, lifecycle
 from agent.cli import main
@@ -154,7 +157,9 @@ DECISIONS = [
     # id, current version, manifest fields, env, expected (action, reason, forced, in_wave)
     ("newer-version", "0.1.40", {}, {}, ("update", "newer_version", False, True)),
     ("up-to-date", "0.1.44", {}, {}, ("none", "up_to_date", False, True)),
-    ("not-in-wave", "0.1.40", {"percent": 0}, {}, ("none", "not_in_wave", False, False)),
+    # AGENT_ID's bucket under salt 0.1.44 is 69: percent 69 leaves it just outside the wave.
+    ("not-in-wave", "0.1.40", {"percent": 69}, {}, ("none", "not_in_wave", False, False)),
+    ("halted", "0.1.40", {"percent": 0}, {}, ("none", "halted", False, False)),
     ("local-cap", "0.1.40", {}, {"UPDATE_ROLLOUT_PERCENT": "0"}, ("none", "not_in_wave", False, False)),
     (
         "container-reports",
@@ -166,9 +171,23 @@ DECISIONS = [
     (
         "container-reports-outside-wave",
         "0.1.40",
-        {"percent": 0},
+        {"percent": 69},
         {"DEPLOYMENT_MODE": "container"},
         ("report", "container", False, False),
+    ),
+    (
+        "container-quiet-when-halted",
+        "0.1.40",
+        {"percent": 0},
+        {"DEPLOYMENT_MODE": "container"},
+        ("none", "halted", False, False),
+    ),
+    (
+        "forced-min-version-skips-a-halt",
+        "0.1.40",
+        {"percent": 0, "min_version": "0.1.42"},
+        {},
+        ("update", "below_min_version", True, False),
     ),
     ("signal-only", "0.1.40", {}, {"UPDATE_MODE": "signal-only"}, ("report", "signal_only", False, True)),
     (
@@ -615,3 +634,241 @@ def test_agent_never_imports_boto3() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- trust state survives a broken file
+# DESIGN section 4: state.json is type-checked; a corrupt or mistyped one is set aside and the trust
+# state is rebuilt from the cached verified envelope, never lowered. No file in the state dir can
+# produce a traceback.
+
+
+def _aside(agent: Agent) -> list[Path]:
+    return sorted(agent.state_dir.glob(f"{STATE_FILE}.corrupt.*"))
+
+
+def test_a_truncated_state_file_does_not_reopen_replay(agent: Agent) -> None:
+    old = agent.publish(serial=8)
+    assert agent.check()[0] == 0
+    agent.publish(serial=9)
+    assert agent.check()[1]["serial"] == 9
+    state_bytes = (agent.state_dir / STATE_FILE).read_bytes()
+    (agent.state_dir / STATE_FILE).write_bytes(state_bytes[: len(state_bytes) // 2])  # a torn write
+    publish(agent.server, old)  # an attacker (or a stale CDN node) serves the older signed manifest
+
+    code, out, err = agent.run("check")
+
+    assert (code, out["error"]) == (3, "serial_rollback")
+    assert agent.state()["highest_serial"] == 9
+    assert [p.read_bytes() for p in _aside(agent)] == [state_bytes[: len(state_bytes) // 2]]
+    assert "set aside" in err and "rebuilt from the cached manifest" in err
+
+
+def test_a_mistyped_serial_is_set_aside_and_rebuilt_instead_of_crashing_every_check(agent: Agent) -> None:
+    agent.publish(serial=9)
+    assert agent.check()[0] == 0
+    (agent.state_dir / STATE_FILE).write_text('{"highest_serial": "5"}')  # a TypeError before issue 10
+
+    code, out, err = agent.run("check")
+
+    assert (code, out["serial"], out["action"]) == (0, 9, "update")
+    state = agent.state()
+    assert (state["highest_serial"], state["highest_digest"]) == (9, agent.trust_files()[1])
+    assert state["corrupt"] == str(_aside(agent)[0])
+    assert "highest_serial '5'" in err
+
+
+def test_a_valid_but_lowered_state_file_is_floored_by_the_cached_envelope(agent: Agent) -> None:
+    old = agent.publish(serial=8)
+    agent.publish(serial=9)
+    assert agent.check()[1]["serial"] == 9
+    save_state(agent.state_dir, AgentState(highest_serial=1))  # well-formed, and wrong
+    publish(agent.server, old)
+    code, out = agent.check()
+    assert (code, out["error"]) == (3, "serial_rollback")
+    assert agent.state()["highest_serial"] == 9
+
+
+def test_a_cached_envelope_that_does_not_verify_never_raises_the_trust_state(agent: Agent) -> None:
+    agent.publish(serial=9)
+    assert agent.check()[0] == 0
+    forged = agent.release.envelope(serial=500, signers=[LocalSigner(generate_private_key())])
+    (agent.state_dir / CACHED_ENVELOPE).write_bytes(forged)
+    (agent.state_dir / STATE_FILE).write_bytes(b"{")
+    code, out = agent.check()  # nothing trusted is left: the served serial 9 is accepted again
+    assert (code, out["serial"]) == (0, 9)
+    assert agent.state()["highest_serial"] == 9
+    assert (agent.state_dir / CACHED_ENVELOPE).read_bytes() != forged  # replaced by what verified
+
+
+def test_an_expired_cached_envelope_still_rebuilds_the_serial(agent: Agent) -> None:
+    agent.publish(serial=9, expires_in=timedelta(hours=1))
+    cfg = agent.config()
+    assert check.check(cfg).status == 200
+    (agent.state_dir / STATE_FILE).write_bytes(b"")
+    older = agent.release.envelope(serial=8)
+    publish(agent.server, older)
+    with pytest.raises(ManifestError) as err:
+        check.check(cfg, now=datetime.now(UTC) + timedelta(hours=3))  # the cache has expired by then
+    assert err.value.code == "serial_rollback"
+
+
+def test_a_corrupt_cached_envelope_is_fetched_whole_not_trusted_on_304(agent: Agent) -> None:
+    agent.publish(serial=5)
+    assert agent.check()[0] == 0
+    (agent.state_dir / CACHED_ENVELOPE).write_bytes(b"\x00garbage")
+    code, out = agent.check()
+    assert (code, out["serial"]) == (0, 5)
+    assert "if-none-match" not in agent.server.requests[-1].headers  # else a 304 every time, forever
+    assert agent.state()["last_error"] is None
+    assert agent.check()[0] == 0 and agent.server.requests[-1].headers["if-none-match"]  # healed
+
+
+@pytest.mark.parametrize(
+    "etag",
+    [b'"abc"\r\nX-Injected: 1', b"\xff\xfe", b"x" * 5000, b"", b"\n\n"],
+    ids=["header-injection", "not-ascii", "huge", "empty", "blank"],
+)
+def test_an_etag_file_that_is_no_header_value_is_not_sent(agent: Agent, etag: bytes) -> None:
+    agent.publish(serial=5)
+    assert agent.check()[0] == 0
+    (agent.state_dir / CACHED_ETAG).write_bytes(etag)
+    code, out = agent.check()
+    assert (code, out["serial"]) == (0, 5)
+    assert "if-none-match" not in agent.server.requests[-1].headers
+
+
+# A few representative runs of the real console script, as a host runs it: whatever one of the
+# files this agent owns in its state dir holds, `check` and `status` answer without a traceback.
+STATE_DIR_FILES = [STATE_FILE, CACHED_ENVELOPE, CACHED_ETAG]
+hostile_bytes = st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from([b'{"highest_serial": "5"}', b'{"bad_versions": {"x": 1}}', b"[" * 50_000, b"{}"]),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["highest_serial", "payload", "signatures", "attempts"]), inner, max_size=3
+            )
+        ),
+        max_leaves=6,
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    name=st.sampled_from(STATE_DIR_FILES), data=hostile_bytes, command=st.sampled_from(["check", "status"])
+)
+@example(name=STATE_FILE, data=b'{"highest_serial": "5"}', command="check")  # a TypeError before
+@example(name=STATE_FILE, data=b'{"highest_serial": ""}', command="status")  # printed as a serial before
+@example(name=CACHED_ETAG, data=b'"a"\r\nX-Injected: 1', command="check")  # an invalid header before
+def test_no_file_in_the_state_dir_makes_the_real_agent_print_a_traceback(
+    agent: Agent, name: str, data: bytes, command: str
+) -> None:
+    shutil.rmtree(agent.state_dir, ignore_errors=True)
+    agent.publish(serial=5)
+    assert agent.check()[0] == 0  # a state dir as a running agent leaves it
+    (agent.state_dir / name).write_bytes(data)
+
+    done = _run_agent(command, *(["--json"] if command == "status" else []), env=agent.env)
+
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0 if command == "status" else done.returncode in (0, 3), done.stderr
+    out = json.loads(done.stdout)
+    if command == "status":
+        assert out["highest_serial"] in (None, 5)
+    elif done.returncode == 0:
+        assert out["serial"] == 5 and agent.state()["highest_serial"] == 5
+
+
+# ---------------------------------------------------------------- config mistakes are named
+
+
+def _conf(tmp_path: Path, agent: Agent, extra: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "avika-agent.conf"
+    path.write_text("".join(f'{key}="{value}"\n' for key, value in agent.env.items()) + extra)
+    path.chmod(mode)
+    agent.env = {}
+    return path
+
+
+@pytest.fixture
+def no_update_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.upper().startswith("UPDATE_")]:
+        monkeypatch.delenv(key)
+
+
+def test_unknown_update_keys_are_named_with_the_nearest_known_key(
+    agent: Agent, tmp_path: Path, no_update_env: None
+) -> None:
+    conf = _conf(tmp_path, agent, "UPDATE_INTERVL=5m\nLOG_LEVEL=debug\n")
+    agent.publish(serial=3)
+    env = {"UPDATE_PUBLIC_KEY": "x"}
+
+    code, out, err = agent.run("status", "--json", "--config", str(conf), **env)
+
+    assert code == 0
+    assert out["warnings"] == [
+        f"unknown key UPDATE_INTERVL in config file {conf} is ignored; did you mean UPDATE_INTERVAL?",
+        "unknown key UPDATE_PUBLIC_KEY in the environment is ignored; did you mean UPDATE_PUBLIC_KEYS?",
+    ]
+    assert "LOG_LEVEL" not in err  # the file is shared with the rest of the agent: other keys are fine
+    code, out, err = agent.run("check", "--config", str(conf), **env)
+    assert (code, out["serial"]) == (0, 3)
+    assert "did you mean UPDATE_INTERVAL?" in err and "did you mean UPDATE_PUBLIC_KEYS?" in err
+    code, out, _ = agent.run("status", "--config", str(conf), **env)
+    assert "warning:        unknown key UPDATE_INTERVL" in out
+
+
+TOKEN = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("mode", "group", "expected"),
+    [
+        (0o600, "own", []),
+        (0o640, "own", []),
+        (0o400, "own", []),
+        (0o644, "own", ["readable by others"]),
+        (0o640, "other", ["readable by group"]),
+        (0o666, "own", ["readable by others", "writable by group or others"]),
+        (0o620, "own", ["writable by group or others"]),
+    ],
+    ids=["0600", "0640-agent-group", "0400", "0644", "0640-other-group", "0666", "0620"],
+)
+def test_a_token_file_readable_by_others_is_named_in_log_and_status(
+    agent: Agent, tmp_path: Path, no_update_env: None, mode: int, group: str, expected: list[str]
+) -> None:
+    conf = _conf(tmp_path, agent, f"UPDATE_REPORT_TOKEN={TOKEN}\n", mode)
+    if group == "other":
+        if os.geteuid() != 0:
+            pytest.skip("chgrp to a group this user is not in needs root")
+        os.chown(conf, -1, os.getegid() + 1)
+
+    code, out, err = agent.run("status", "--json", "--config", str(conf))
+
+    assert code == 0
+    assert [w for w in out["warnings"] if not any(e in w for e in expected)] == []
+    assert all(any(e in w for w in out["warnings"]) for e in expected)
+    assert len(out["warnings"]) == len(expected)
+    for warning in out["warnings"]:
+        assert str(conf) in warning and f"{mode:04o}" in warning and warning in err
+        assert TOKEN not in warning
+
+
+def test_the_real_agent_warns_about_an_exposed_token_file(agent: Agent, tmp_path: Path) -> None:
+    conf = _conf(tmp_path, agent, f"UPDATE_REPORT_TOKEN={TOKEN}\nUPDATE_INTERVL=5m\n", 0o644)
+    done = _run_agent("status", "--config", str(conf), env={})
+    assert done.returncode == 0, done.stderr
+    assert "holds UPDATE_REPORT_TOKEN and is readable by others (mode 0644)" in done.stdout
+    assert "chmod 600" in done.stdout and "did you mean UPDATE_INTERVAL?" in done.stdout
+    assert "readable by others" in done.stderr  # and logged
+    conf.chmod(0o600)
+    done = _run_agent("status", "--json", "--config", str(conf), env={})
+    assert [w for w in json.loads(done.stdout)["warnings"] if "UPDATE_REPORT_TOKEN" in w] == []

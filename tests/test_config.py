@@ -7,12 +7,19 @@
   file is an error;
 - every value is validated and an error names the key and the value;
 - durations, UPDATE_SERVER derived from GATEWAYS, ``disabled``;
-- the agent id: configured, else saved, else generated and saved.
+- the agent id: configured, else saved, else generated and saved;
+- the keys of issue 10 (UPDATE_BINARY_ORIGINS, UPDATE_FETCH_TIMEOUT, UPDATE_DOWNLOAD_TIMEOUT,
+  UPDATE_COMMIT_DEADLINE, UPDATE_HEARTBEAT_INTERVAL) with DESIGN's defaults;
+- mistakes are named: an unknown ``UPDATE_*`` key (file or environment) is a warning naming the
+  nearest known key; a file holding UPDATE_REPORT_TOKEN that others or another group can read, and
+  any config file others can write, draws a warning; the README table and the sample file list
+  every key with the defaults the code has.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -206,6 +213,19 @@ BAD_VALUES = [
     pytest.param("UPDATE_HEALTH_WINDOW", "0s", id="a zero health window"),
     pytest.param("UPDATE_MAX_BOOT_ATTEMPTS", "0", id="zero boot attempts"),
     pytest.param("UPDATE_MAX_BOOT_ATTEMPTS", "three", id="boot attempts that are not a number"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "cdn.example.com", id="an origin without a scheme"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "ftp://cdn.example.com", id="an ftp origin"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "https://cdn.example.com/avika", id="an origin with a path"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "https://u@cdn.example.com", id="an origin with userinfo"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "https://cdn.example.com?x", id="an origin with a query"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "https://cdn example.com", id="an origin with a space"),
+    pytest.param("UPDATE_BINARY_ORIGINS", "https://cdn.example.com:99999", id="an origin with a bad port"),
+    pytest.param("UPDATE_FETCH_TIMEOUT", "0s", id="a zero fetch timeout"),
+    pytest.param("UPDATE_FETCH_TIMEOUT", "2 minutes", id="a fetch timeout in words"),
+    pytest.param("UPDATE_DOWNLOAD_TIMEOUT", "30", id="a download timeout without a unit"),
+    pytest.param("UPDATE_COMMIT_DEADLINE", "1m", id="a commit deadline not past the health window"),
+    pytest.param("UPDATE_HEARTBEAT_INTERVAL", "-1s", id="a negative heartbeat interval"),
+    pytest.param("UPDATE_HEARTBEAT_INTERVAL", "never", id="a heartbeat interval in words"),
 ]
 
 
@@ -266,6 +286,41 @@ def test_a_report_token_is_read_as_lowercase_hex() -> None:
 )
 def test_a_valid_value_is_read(key: str, value: str, attribute: str, expected: object) -> None:
     assert getattr(conf(**{key: value}), attribute) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "attribute", "expected"),
+    [
+        pytest.param({}, "binary_origins", (), id="no other binary origin by default"),
+        pytest.param(
+            {
+                "UPDATE_BINARY_ORIGINS": "HTTPS://CDN.example.com:443/, http://[2001:DB8::1]:8080,https://cdn.example.com"
+            },
+            "binary_origins",
+            ("https://cdn.example.com", "http://[2001:db8::1]:8080"),
+            id="origins are normalised and folded",
+        ),
+        pytest.param({}, "fetch_timeout", 120, id="fetch timeout 2m"),
+        pytest.param({"UPDATE_FETCH_TIMEOUT": "30s"}, "fetch_timeout", 30, id="fetch timeout 30s"),
+        pytest.param({}, "download_timeout", 1800, id="download timeout 30m"),
+        pytest.param({"UPDATE_DOWNLOAD_TIMEOUT": "1h"}, "download_timeout", 3600, id="download timeout 1h"),
+        pytest.param({}, "commit_deadline_s", 60 + 600, id="commit deadline: health window + 10m"),
+        pytest.param(
+            {"UPDATE_HEALTH_WINDOW": "5m"}, "commit_deadline_s", 900, id="follows the health window"
+        ),
+        pytest.param({"UPDATE_COMMIT_DEADLINE": "20m"}, "commit_deadline_s", 1200, id="commit deadline 20m"),
+        pytest.param({}, "heartbeat_interval", 3600, id="heartbeat 1h"),
+        pytest.param({"UPDATE_HEARTBEAT_INTERVAL": "0"}, "heartbeat_interval", 0, id="heartbeat 0 is never"),
+        pytest.param(
+            {"UPDATE_HEARTBEAT_INTERVAL": "0s"}, "heartbeat_interval", 0, id="heartbeat 0s is never"
+        ),
+        pytest.param({"UPDATE_HEARTBEAT_INTERVAL": "15m"}, "heartbeat_interval", 900, id="heartbeat 15m"),
+    ],
+)
+def test_the_keys_of_issue_10_have_designs_defaults(
+    values: dict[str, str], attribute: str, expected: object
+) -> None:
+    assert getattr(conf(**values), attribute) == expected
 
 
 def test_keys_and_threshold_are_read_and_duplicates_fold() -> None:
@@ -428,3 +483,183 @@ def test_an_invalid_saved_agent_id_is_replaced(tmp_path: Path) -> None:
     new = resolve_agent_id(conf(BUFFER_DIR=str(tmp_path)), hostname="host")
     assert new.startswith("host-") and valid_agent_id(new)
     assert (tmp_path / "agent_id").read_text().strip() == new
+
+
+# ---------------------------------------------------------------- mistakes are named (DESIGN section 3)
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (
+            "UPDATE_INTERVL",
+            "unknown key UPDATE_INTERVL in the file is ignored; did you mean UPDATE_INTERVAL?",
+        ),
+        (
+            "UPDATE_PUBLIC_KEY",
+            "unknown key UPDATE_PUBLIC_KEY in the file is ignored; did you mean UPDATE_PUBLIC_KEYS?",
+        ),
+        ("UPDATE_SERVERS", "unknown key UPDATE_SERVERS in the file is ignored; did you mean UPDATE_SERVER?"),
+        (
+            "UPDATE_BINARY_ORIGIN",
+            "unknown key UPDATE_BINARY_ORIGIN in the file is ignored; did you mean UPDATE_BINARY_ORIGINS?",
+        ),
+        (
+            "update_interval",
+            "unknown key update_interval in the file is ignored; did you mean UPDATE_INTERVAL?",
+        ),
+        ("UPDATE_FOO", "unknown key UPDATE_FOO in the file is ignored"),
+        ("UPDATE_NOTIFIER_ENABLED", "unknown key UPDATE_NOTIFIER_ENABLED in the file is ignored"),
+    ],
+)
+def test_an_unknown_update_key_names_the_nearest_known_key(key: str, expected: str) -> None:
+    assert config.unknown_key_warnings([key], "the file") == [expected]
+
+
+def test_known_keys_and_other_keys_draw_no_warning() -> None:
+    assert config.unknown_key_warnings([*config.KEYS, "LOG_LEVEL", "WAL_SIZE", "UPDATER"], "x") == []
+
+
+def test_unknown_keys_in_the_file_and_the_environment_are_warnings_not_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "agent.conf"
+    path.write_text(f"UPDATE_SERVER=http://gw/updates\nUPDATE_PUBLIC_KEYS={KEY1}\nUPDATE_INTERVL=5m\n")
+    path.chmod(0o600)
+    cfg = load(path, environ={"UPDATE_MODEE": "disabled", "PATH": "/bin"})
+    assert cfg.update_interval == 3600 and cfg.update_mode == "auto"  # the typo changed nothing
+    assert cfg.warnings == (
+        f"unknown key UPDATE_INTERVL in config file {path} is ignored; did you mean UPDATE_INTERVAL?",
+        "unknown key UPDATE_MODEE in the environment is ignored; did you mean UPDATE_MODE?",
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == list(cfg.warnings)
+
+
+MODE_CASES = [
+    # mode, file group is the agent's own, holds a token, expected fragments
+    pytest.param(0o600, True, True, [], id="0600 with a token"),
+    pytest.param(0o400, True, True, [], id="0400 with a token"),
+    pytest.param(0o640, True, True, [], id="0640, the agent's group, with a token"),
+    pytest.param(0o640, False, True, ["readable by group"], id="0640, another group, with a token"),
+    pytest.param(0o644, True, True, ["readable by others"], id="0644 with a token"),
+    pytest.param(0o604, True, True, ["readable by others"], id="0604 with a token"),
+    pytest.param(0o644, True, False, [], id="0644 without a token"),
+    pytest.param(0o664, False, False, ["writable by group"], id="0664 without a token"),
+    pytest.param(
+        0o646, True, True, ["readable by others", "writable by group or others"], id="0646 with a token"
+    ),
+]
+
+
+@pytest.mark.parametrize(("mode", "own_group", "token", "expected"), MODE_CASES)
+def test_a_config_file_that_exposes_the_token_or_the_keys_is_named(
+    mode: int, own_group: bool, token: bool, expected: list[str]
+) -> None:
+    path = Path("/etc/avika/avika-agent.conf")
+    warnings = config.file_mode_warnings(path, 0o100000 | mode, 1000 if own_group else 0, 1000, token)
+    assert len(warnings) == len(expected)
+    for fragment, warning in zip(expected, warnings, strict=True):
+        assert fragment in warning and str(path) in warning and f"{mode:04o}" in warning
+        assert "chmod" in warning
+
+
+def test_the_group_warning_names_both_groups() -> None:
+    (warning,) = config.file_mode_warnings(Path("/c"), 0o100640, 0, 4, True)
+    assert "group root (0)" in warning and "agent's group (adm (4))" in warning
+
+
+def test_a_token_file_readable_by_others_warns_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "agent.conf"
+    path.write_text(
+        f"UPDATE_SERVER=http://gw/updates\nUPDATE_PUBLIC_KEYS={KEY1}\nUPDATE_REPORT_TOKEN={'ab' * 32}\n"
+    )
+    path.chmod(0o644)
+    (warning,) = load(path, environ={}).warnings
+    assert "readable by others (mode 0644)" in warning and "ab" * 32 not in warning
+    path.chmod(0o600)
+    assert load(path, environ={}).warnings == ()
+    path.write_text("UPDATE_REPORT_TOKEN=\nUPDATE_MODE=disabled\n")  # empty: no token in the file
+    path.chmod(0o644)
+    assert load(path, environ={"UPDATE_REPORT_TOKEN": "ab" * 32}).warnings == ()
+
+
+def test_a_config_file_larger_than_any_config_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.conf"
+    path.write_bytes(b"#" * (config.MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        load(path, environ={})
+
+
+# ---------------------------------------------------------------- the documented keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_table() -> dict[str, tuple[str, str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Agent configuration", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| (.*?) \| (.*?) \|$", section, re.MULTILINE)
+    return {key: (default, meaning) for key, default, meaning in rows}
+
+
+def test_the_readme_table_lists_every_key_once() -> None:
+    assert sorted(_readme_table()) == sorted(config.KEYS)
+
+
+@pytest.mark.parametrize(
+    ("key", "default", "meaning"),
+    [
+        ("UPDATE_BINARY_ORIGINS", "—", "allowed for absolute binary URLs besides the manifest's own"),
+        ("UPDATE_FETCH_TIMEOUT", "`2m`", "however slowly bytes arrive"),
+        ("UPDATE_DOWNLOAD_TIMEOUT", "`30m`", "a stall of 60 s also fails it"),
+        ("UPDATE_COMMIT_DEADLINE", "health window + `10m`", "rolled back whatever it is doing"),
+        ("UPDATE_HEARTBEAT_INTERVAL", "`1h`", "`0` = never"),
+    ],
+)
+def test_the_readme_gives_the_new_keys_designs_defaults_and_meanings(
+    key: str, default: str, meaning: str
+) -> None:
+    row_default, row_meaning = _readme_table()[key]
+    assert row_default == default
+    assert meaning in row_meaning
+
+
+def test_the_readme_defaults_are_the_codes_defaults() -> None:
+    table, cfg = _readme_table(), conf()
+    for key, attribute in [
+        ("UPDATE_INTERVAL", "update_interval"),
+        ("UPDATE_HEALTH_WINDOW", "health_window"),
+        ("UPDATE_FETCH_TIMEOUT", "fetch_timeout"),
+        ("UPDATE_DOWNLOAD_TIMEOUT", "download_timeout"),
+        ("UPDATE_HEARTBEAT_INTERVAL", "heartbeat_interval"),
+    ]:
+        assert parse_duration(table[key][0].strip("`")) == getattr(cfg, attribute), key
+    assert cfg.commit_deadline_s == cfg.health_window + parse_duration("10m")
+
+
+def test_the_sample_file_lists_every_key_and_is_a_valid_config_of_defaults() -> None:
+    sample = ROOT / "packaging" / "avika-agent.conf"
+    values = parse_file(sample.read_text(encoding="utf-8"), str(sample))
+    assert sorted(values) == sorted(config.KEYS)
+    assert config.unknown_key_warnings(values, str(sample)) == []
+    cfg = from_values({**values, "UPDATE_PUBLIC_KEYS": KEY1})
+    defaults = conf()
+    for attribute in (
+        "update_interval",
+        "update_mode",
+        "health_window",
+        "max_boot_attempts",
+        "binary_origins",
+        "fetch_timeout",
+        "download_timeout",
+        "commit_deadline_s",
+        "heartbeat_interval",
+    ):
+        assert getattr(cfg, attribute) == getattr(defaults, attribute), attribute
+
+
+def test_the_docs_give_the_mode_for_a_file_holding_the_token() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Agent configuration", 1)[1]
+    sample = (ROOT / "packaging" / "avika-agent.conf").read_text(encoding="utf-8")
+    for text in (readme, sample):
+        assert "chmod 600" in text and "chmod 640" in text and "root:avika-agent" in text

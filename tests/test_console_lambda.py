@@ -37,7 +37,7 @@ from agent.manifest import LocalSigner, load_private_key_pem, verify_manifest
 from infra.reports import console_lambda
 from infra.reports import handler as lambda_handler
 from infra.reports.dynamodb import AUDIT_PK
-from publisher.stores import open_store
+from publisher.store_url import open_store
 from tests.publisher_fixtures import REPO, KeyFile, cli, make_binary, new_key_file
 
 aws = reports_fixtures.aws

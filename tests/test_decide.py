@@ -5,7 +5,9 @@
 - a container (any mode but vm-only) and ``signal-only`` report instead of updating, whatever
   the wave, and say whether they are in it;
 - a known-bad (version, sha256) is never installed, even when forced; other bytes are fine;
-- ``min_version`` forces the update past the wave and the local cap;
+- percent 0 is halted: nobody acts and containers don't report it as available (reason
+  ``halted``), unless ``min_version`` forces it;
+- ``min_version`` forces the update past the wave, the local cap and a halt;
 - otherwise the agent updates only inside the wave: bucket < min(percent, local cap);
 - raising the percent only ever adds agents.
 """
@@ -155,8 +157,53 @@ DECISIONS = [
     pytest.param(
         manifest(percent=100), host(bucket=99), (), UPDATE, "newer_version", id="percent 100 takes everyone"
     ),
+    # -- halted (percent 0): nobody acts, nobody calls it available (DESIGN section 2)
     pytest.param(
-        manifest(percent=0), host(bucket=0), (), NONE, "not_in_wave", id="a halted release stops everyone"
+        manifest(percent=0), host(bucket=0), (), NONE, "halted", id="a halted release stops everyone"
+    ),
+    pytest.param(manifest(percent=0), host(bucket=99), (), NONE, "halted", id="halted, outside any wave"),
+    pytest.param(
+        manifest(percent=0),
+        host(bucket=10, mode="container"),
+        (),
+        NONE,
+        "halted",
+        id="a container does not report a halted release as available",
+    ),
+    pytest.param(
+        manifest(percent=0),
+        host(bucket=10, update_mode="signal-only"),
+        (),
+        NONE,
+        "halted",
+        id="signal-only does not report a halted release",
+    ),
+    pytest.param(
+        manifest("0.0.9", percent=0, downgrade=True),
+        host(bucket=10),
+        (),
+        NONE,
+        "halted",
+        id="a halted signed downgrade stops too",
+    ),
+    pytest.param(
+        manifest(percent=0),
+        host(bucket=10),
+        {("0.2.0", SHA_AMD64)},
+        NONE,
+        "halted",
+        id="halted comes before bad_version",
+    ),
+    pytest.param(
+        manifest("0.1.0", percent=0), host(), (), NONE, "up_to_date", id="an up-to-date agent is up to date"
+    ),
+    pytest.param(
+        manifest(percent=1),
+        host(bucket=0),
+        (),
+        UPDATE,
+        "newer_version",
+        id="percent 1 is not halted: bucket 0 updates",
     ),
     pytest.param(
         manifest(percent=100),
@@ -335,6 +382,20 @@ def test_a_container_report_says_whether_it_is_in_the_wave(bucket: int, inside: 
     assert decision.action == REPORT
     assert decision.in_wave is inside
     assert decision.bucket == bucket
+
+
+def test_a_halted_release_gives_no_action_to_any_host_unless_forced() -> None:
+    fleet = [
+        host(bucket=b, mode=mode, update_mode=um)
+        for b in (0, 50, 99)
+        for mode in ("vm", "container")
+        for um in ("auto", "signal-only")
+    ]
+    assert {
+        (decide(manifest(percent=0), h).action, decide(manifest(percent=0), h).reason) for h in fleet
+    } == {(NONE, "halted")}
+    forced = {decide(manifest(percent=0, min_version="0.1.5"), h).action for h in fleet}
+    assert forced == {UPDATE, REPORT}
 
 
 def test_a_container_below_min_version_reports_forced() -> None:

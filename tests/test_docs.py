@@ -149,7 +149,8 @@ def test_runnable_blocks_are_marked_and_cover_the_runbook() -> None:
         "avika-publish halt",
         "avika-publish rollout 50",
         "canary 0.1.44",
-        "--downgrade",
+        "avika-publish rollback-to",
+        "avika-publish history",
         "--min-version",
         "avika-publish refresh",
         "avika-agent status --json",
@@ -336,7 +337,7 @@ def published_store(tmp_path: Path) -> Iterator[dict[str, object]]:
     stub.chmod(0o755)
     env |= {"AVIKA_STORE": str(store), "AVIKA_SIGNING_KEY": str(key), "AVIKA_FLEET_SECRET": uuid.uuid4().hex}
     release = run(
-        [str(BIN / "avika-publish"), "release", "0.1.44", "--image", "hellodk/avika-agent:0.1.44"]
+        [str(BIN / "avika-publish"), "release", "0.1.44", "--init", "--image", "hellodk/avika-agent:0.1.44"]
         + [f"--binary=linux-{arch}={stub}" for arch in ("amd64", "arm64")],
         env,
     )

@@ -300,7 +300,7 @@ class Repo:
         path.write_bytes(data)
         self.binaries[version] = data
         bins = {PLATFORM: path, "linux-arm64" if PLATFORM != "linux-arm64" else "linux-amd64": path}
-        outcome = release(self.store, [self.signer], ReleaseSpec(version, bins, **spec))
+        outcome = release(self.store, [self.signer], ReleaseSpec(version, bins, init=True, **spec))
         return outcome.manifest.serial
 
     def binary_path(self, version: str) -> str:

@@ -5,7 +5,12 @@
   structures, schema-shaped payloads with one field replaced, and mutated valid envelopes;
 - a mutated valid envelope is either refused or, when the mutation left the signed payload
   bytes as they were (whitespace, a keyid hint, base64 padding), gives back the same manifest;
-- any manifest built from the schema's value ranges survives to_payload -> sign -> verify.
+- any manifest built from the schema's value ranges (serials 1..2^53-1, binary URLs relative or on
+  an allowed origin, the optional ``container_digest``, ``signed_at`` and ``rollout_plan``) survives
+  to_payload -> sign -> verify;
+- ``check_url`` raises nothing but ``BadUrl`` for any text, and a URL it accepts resolves to an
+  allowed origin -- also according to another URL parser (urllib3's), so the host that was checked
+  is the host that is fetched.
 """
 
 from __future__ import annotations
@@ -16,22 +21,29 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urljoin
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from urllib3.util import parse_url
 
 from agent.manifest import (
     MAX_INT,
+    MAX_SERIAL,
+    BadUrl,
     Binary,
     LocalSigner,
     Manifest,
     ManifestError,
     Rollout,
+    RolloutPlan,
     TrustState,
+    check_url,
     parse_manifest,
     public_key_of,
     sign_envelope,
+    url_origin,
     verify_envelope,
     verify_manifest,
 )
@@ -55,6 +67,9 @@ VALID_OBJ: dict[str, Any] = {
     "rollout": {"percent": 50, "salt": "s"},
     "downgrade": False,
     "reports_url": "https://r.example.com/v1/reports",
+    "container_digest": "sha256:" + "cd" * 32,
+    "signed_at": "2026-02-16T08:00:00Z",
+    "rollout_plan": {"steps": [1, 10, 50, 100], "soak": "2h", "max_failure_rate": "0.05", "min_agents": 20},
 }
 VALID_PAYLOAD = json.dumps(VALID_OBJ, separators=(",", ":")).encode()
 VALID_ENVELOPE = sign_envelope(VALID_PAYLOAD, [SIGNER])
@@ -153,7 +168,9 @@ def test_envelope_shaped_json_raises_only_manifest_errors(envelope: dict[str, An
 @SETTINGS
 @given(
     st.sampled_from(sorted(VALID_OBJ))
-    | st.sampled_from(["binaries.url", "binaries.sha256", "binaries.size"]),
+    | st.sampled_from(["binaries.url", "binaries.sha256", "binaries.size"])
+    | st.sampled_from(["rollout_plan.steps", "rollout_plan.soak", "rollout_plan.max_failure_rate"])
+    | st.sampled_from(["rollout_plan.min_agents"]),
     json_like | times,
 )
 @example("expires", "0001-01-01T00:00:00+01:00")
@@ -161,10 +178,14 @@ def test_envelope_shaped_json_raises_only_manifest_errors(envelope: dict[str, An
 @example("expires", "9999-12-31T23:59:59-01:00")
 @example("serial", 2**64)
 @example("binaries.size", 10**5000)
+@example("rollout_plan.soak", "999999999d" * 1000)
+@example("rollout_plan.steps", [1, 2**64, 100])
 def test_signed_payload_with_one_field_replaced_raises_only_manifest_errors(name: str, value: Any) -> None:
     obj = json.loads(VALID_PAYLOAD)
     if name.startswith("binaries."):
         obj["binaries"]["linux-amd64"][name.split(".")[1]] = value
+    elif name.startswith("rollout_plan."):
+        obj["rollout_plan"][name.split(".")[1]] = value
     else:
         obj[name] = value
     try:
@@ -238,9 +259,23 @@ versions = st.builds(
 seconds = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
 ).map(lambda d: d.replace(microsecond=0))
+# Where the envelopes are served from, and the one other origin UPDATE_BINARY_ORIGINS allows.
+SERVED_FROM = "https://updates.example.com/avika/manifest.json"
+ORIGINS = ("http://cdn.example.net:8080",)
 urls = st.one_of(
-    st.from_regex(r"[a-z0-9._/-]{1,40}", fullmatch=True).filter(lambda u: not u.startswith("//")),
-    st.from_regex(r"https?://[a-z0-9.-]{1,20}(:[0-9]{1,5})?/[a-zA-Z0-9._~/-]{0,30}", fullmatch=True),
+    st.from_regex(r"[a-z0-9._-][a-z0-9._/-]{0,39}", fullmatch=True),
+    st.builds(
+        "{}/{}".format,
+        st.sampled_from(
+            [
+                "https://updates.example.com",
+                "HTTPS://Updates.Example.com:443",
+                "//updates.example.com",
+                *ORIGINS,
+            ]
+        ),
+        st.from_regex(r"[a-zA-Z0-9._~/-]{0,30}", fullmatch=True),
+    ),
 )
 binaries = st.builds(
     Binary,
@@ -251,10 +286,22 @@ binaries = st.builds(
 
 
 @st.composite
+def rollout_plans(draw: st.DrawFn) -> RolloutPlan:
+    steps = [*sorted(draw(st.sets(st.integers(1, 99), max_size=10))), 100]
+    soak = "".join(draw(st.lists(st.from_regex(r"[0-9]{1,2}[smhd]", fullmatch=True), min_size=1, max_size=3)))
+    return RolloutPlan(
+        steps=tuple(steps),
+        soak=soak,
+        max_failure_rate=draw(st.from_regex(r"0(\.[0-9]{1,6})?|1(\.0{1,6})?", fullmatch=True)),
+        min_agents=draw(st.integers(0, 1_000_000)),
+    )
+
+
+@st.composite
 def manifests(draw: st.DrawFn) -> Manifest:
     released = draw(seconds)
     return Manifest(
-        serial=draw(st.integers(0, MAX_INT)),
+        serial=draw(st.integers(1, MAX_SERIAL)),
         version=draw(versions),
         released_at=released,
         expires=NOW + timedelta(seconds=draw(st.integers(1, 10**9))),
@@ -265,6 +312,15 @@ def manifests(draw: st.DrawFn) -> Manifest:
         rollout=Rollout(percent=draw(st.integers(0, 100)), salt=draw(text)),
         downgrade=draw(st.booleans()),
         reports_url=draw(st.none() | text),
+        container_digest=draw(st.none() | st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True)),
+        signed_at=draw(st.none() | seconds),
+        rollout_plan=draw(st.none() | rollout_plans()),
+    )
+
+
+def verify_served(data: bytes, **kw: Any) -> Manifest:
+    return verify_manifest(
+        data, trusted=TRUSTED, now=NOW, manifest_url=SERVED_FROM, binary_origins=ORIGINS, **kw
     )
 
 
@@ -273,7 +329,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
 def test_any_manifest_round_trips_through_sign_and_verify(original: Manifest) -> None:
     payload = original.to_payload()
     platform = next(iter(original.binaries), None)
-    verified = verify_manifest(sign_envelope(payload, [SIGNER]), trusted=TRUSTED, now=NOW, platform=platform)
+    verified = verify_served(sign_envelope(payload, [SIGNER]), platform=platform)
     assert verified.raw == payload
     assert replace(verified, raw=b"") == original
     assert verified.to_payload() == payload
@@ -283,6 +339,55 @@ def test_any_manifest_round_trips_through_sign_and_verify(original: Manifest) ->
 @given(manifests())
 def test_a_round_tripped_manifest_accepts_itself_again_as_the_highest_serial(original: Manifest) -> None:
     data = sign_envelope(original.to_payload(), [SIGNER])
-    first = verify_manifest(data, trusted=TRUSTED, now=NOW)
-    again = verify_manifest(data, trusted=TRUSTED, now=NOW, trust=TrustState(first.serial, first.digest))
+    first = verify_served(data)
+    again = verify_served(data, trust=TrustState(first.serial, first.digest))
     assert again == first
+
+
+# ---------------------------------------------------------------- binary URLs
+
+ALLOWED = {url_origin(SERVED_FROM), *ORIGINS}
+url_text = st.one_of(
+    st.text(max_size=60),
+    st.builds(
+        "{}{}{}{}".format,
+        st.sampled_from(["", "http://", "https://", "HTTPS://", "//", "///", "http:", "ftp://"]),
+        st.sampled_from(["", "updates.example.com", "cdn.example.net", "evil.example", "[::1]", "user@"]),
+        st.text(alphabet="@:/.%[]?#0123456789abcdefxyz\u0430", max_size=20),
+        st.sampled_from(["", "/a", "/../b", "?q=1#f"]),
+    ),
+    st.builds(
+        "{}{}{}/{}".format,
+        st.sampled_from(["http://", "https://", "HTTP://", "//"]),
+        st.sampled_from(["updates.example.com", "UPDATES.example.COM", "cdn.example.net", "evil.example"]),
+        st.sampled_from(["", ":80", ":443", ":8080", ":08080", ":0"]),
+        st.text(alphabet="@:/.%?#abc", max_size=10),
+    ),
+)
+
+
+@SETTINGS
+@given(url_text)
+@example("https://updates.example.com@evil.example/a")
+@example("https://updates.example.com:443@cdn.example.net:8080/a")
+@example("http://cdn.example.net:8080#@evil.example/")
+@example("http://cdn.example.net:8080?@evil.example/")
+@example("//updates.example.com:443/a")
+def test_an_accepted_binary_url_always_resolves_to_an_allowed_origin(url: str) -> None:
+    try:
+        check_url(url, SERVED_FROM, ORIGINS)
+    except BadUrl:
+        return
+    resolved = urljoin(SERVED_FROM, url)
+    assert url_origin(resolved) in ALLOWED
+    # A second, independent parser finds the same scheme, host and port.
+    other = parse_url(resolved)
+    port = other.port or {"http": 80, "https": 443}[other.scheme]
+    assert (other.scheme, other.host.lower(), port) in {
+        (
+            parse_url(o).scheme,
+            parse_url(o).host,
+            parse_url(o).port or {"http": 80, "https": 443}[parse_url(o).scheme],
+        )
+        for o in ALLOWED
+    }

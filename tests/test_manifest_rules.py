@@ -3,9 +3,16 @@
 - the envelope: size (``too_large``), shape (``malformed_envelope``), ``payloadType``
   (``wrong_payload_type``), signatures counted by distinct trusted key (``signature_invalid``,
   ``threshold_not_met``); DSSE PAE bytes exactly as the DSSE spec writes them;
-- the payload: strict JSON and schema (``malformed_manifest``), expiry with 5 min slack
-  (``expired``), serial never below the highest accepted (``serial_rollback``), binary URLs
-  (``bad_url``), a binary for a VM agent's platform (``no_binary_for_platform``);
+- the envelope holds 1-16 signature entries (``malformed_envelope``), so a verifier never does
+  unbounded work: 4,000 junk entries are refused before a single signature is checked;
+- the payload: strict JSON and schema (``malformed_manifest``): serials in 1..2^53-1, the optional
+  ``container_digest`` (``sha256:<64 hex>``), ``signed_at`` (RFC 3339) and ``rollout_plan`` (steps
+  strictly increasing to 100, soak a duration, the failure rate a decimal string, ``min_agents`` an
+  integer; no bool/float/int-string confusion); expiry with 5 min slack (``expired``), serial never
+  below the highest accepted (``serial_rollback``);
+- binary URLs (``bad_url``): relative, or absolute on the manifest's own origin or an origin of
+  ``UPDATE_BINARY_ORIGINS`` (scheme, host and port; no userinfo or other tricks in the host); a
+  binary for a VM agent's platform (``no_binary_for_platform``);
 - the rules run in the contract's order: the first failure is the error;
 - key helpers, PEP 440 version comparison and URL resolution.
 """
@@ -51,6 +58,8 @@ from agent.manifest import (
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+# Where the envelopes of these tests are served from: the origin binary URLs may use.
+SERVED_FROM = "https://updates.example.com/avika/manifest.json"
 NO_TRUST = TrustState()
 K1, K2, K3, OUTSIDER = (Ed25519PrivateKey.from_private_bytes(bytes([n]) * 32) for n in (1, 2, 3, 99))
 P1, P2, P3, POUT = (public_key_of(k) for k in (K1, K2, K3, OUTSIDER))
@@ -131,9 +140,18 @@ def verify(
     now: datetime = NOW,
     trust: TrustState = NO_TRUST,
     platform: str | None = "linux-amd64",
+    manifest_url: str | None = SERVED_FROM,
+    binary_origins: tuple[str, ...] = (),
 ) -> m.Manifest:
     return verify_manifest(
-        data, trusted=trusted, threshold=threshold, now=now, trust=trust, platform=platform
+        data,
+        trusted=trusted,
+        threshold=threshold,
+        now=now,
+        trust=trust,
+        platform=platform,
+        manifest_url=manifest_url,
+        binary_origins=binary_origins,
     )
 
 
@@ -201,6 +219,9 @@ def test_the_signature_covers_pae_not_the_bare_payload() -> None:
 
 PAYLOAD_B64 = base64.b64encode(GOOD_PAYLOAD).decode()
 GOOD_SIG = {"keyid": P1.keyid, "sig": sig_b64(K1, GOOD_PAYLOAD)}
+# A real signature of these bytes by a key nobody trusts, naming the trusted key: each entry costs a
+# full verification per trusted key (arbitrary bytes are often refused early, as a bad scalar).
+JUNK_SIG = {"keyid": P1.keyid, "sig": sig_b64(OUTSIDER, GOOD_PAYLOAD)}
 
 ENVELOPE_CASES = [
     pytest.param(GOOD, "ok", id="a signed envelope is accepted"),
@@ -315,7 +336,29 @@ ENVELOPE_CASES = [
         "signature_invalid",
         id="a signature of the wrong length is invalid",
     ),
-    pytest.param(envelope_with(signatures=[]), "signature_invalid", id="no signatures at all is invalid"),
+    pytest.param(
+        envelope_with(signatures=[]), "malformed_envelope", id="an empty signature list is malformed"
+    ),
+    pytest.param(
+        envelope_with(signatures=[*[JUNK_SIG] * 15, GOOD_SIG]),
+        "ok",
+        id="16 entries, one of them good, are accepted",
+    ),
+    pytest.param(
+        envelope_with(signatures=[JUNK_SIG] * 16),
+        "signature_invalid",
+        id="16 junk entries are verified and refused",
+    ),
+    pytest.param(
+        envelope_with(signatures=[GOOD_SIG] * 17),
+        "malformed_envelope",
+        id="17 entries are malformed even when all are good",
+    ),
+    pytest.param(
+        envelope_with(signatures=[JUNK_SIG] * 4000),
+        "malformed_envelope",
+        id="4000 junk entries are malformed",
+    ),
     pytest.param(
         envelope_with(signatures=[{"sig": sig_b64(K1, GOOD_PAYLOAD, "application/json")}]),
         "signature_invalid",
@@ -327,6 +370,24 @@ ENVELOPE_CASES = [
 @pytest.mark.parametrize(("data", "code"), ENVELOPE_CASES)
 def test_envelope_rule(data: bytes, code: str) -> None:
     assert outcome(data) == code
+
+
+def test_a_verifier_never_checks_a_signature_of_an_envelope_with_too_many_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # DESIGN section 2: "a verifier never does unbounded work". Counted on the real verify.
+    calls = []
+    real = PublicKey.verify
+
+    def counting(self: PublicKey, signature: bytes, data: bytes) -> bool:
+        calls.append(signature)
+        return real(self, signature, data)
+
+    monkeypatch.setattr(PublicKey, "verify", counting)
+    assert outcome(envelope_with(signatures=[JUNK_SIG] * 4000), trusted=(P1, P2, P3)) == "malformed_envelope"
+    assert calls == []
+    assert outcome(envelope_with(signatures=[JUNK_SIG] * 16), trusted=(P1, P2, P3)) == "signature_invalid"
+    assert len(calls) == 16 * 3  # the most a refused envelope can cost: entries x trusted keys
 
 
 def test_no_trusted_keys_means_no_signature_verifies() -> None:
@@ -506,24 +567,33 @@ def test_payload_off_the_schema_is_malformed_manifest(payload: bytes) -> None:
         parse_manifest(payload)
 
 
+OPTIONAL_FIELDS = (
+    "container_image",
+    "container_digest",
+    "min_version",
+    "changelog",
+    "rollout",
+    "downgrade",
+    "reports_url",
+    "signed_at",
+    "rollout_plan",
+)
+
+
+def _optional_values(manifest: m.Manifest) -> tuple[Any, ...]:
+    return tuple(getattr(manifest, name) for name in OPTIONAL_FIELDS)
+
+
+DEFAULTS = (None, None, None, "", m.Rollout(percent=100, salt=""), False, None, None, None)
+
+
 def test_optional_fields_take_their_defaults() -> None:
-    manifest = parse_manifest(GOOD_PAYLOAD)
-    assert manifest.container_image is None
-    assert manifest.min_version is None
-    assert manifest.changelog == ""
-    assert manifest.rollout == m.Rollout(percent=100, salt="")
-    assert manifest.downgrade is False
-    assert manifest.reports_url is None
+    assert _optional_values(parse_manifest(GOOD_PAYLOAD)) == DEFAULTS
 
 
 def test_null_optional_fields_take_their_defaults() -> None:
-    nulls = {
-        name: None
-        for name in ("container_image", "min_version", "changelog", "rollout", "downgrade", "reports_url")
-    }
-    manifest = parse_manifest(payload_of(manifest_obj(**nulls)))
-    assert (manifest.container_image, manifest.min_version, manifest.changelog) == (None, None, "")
-    assert (manifest.rollout, manifest.downgrade, manifest.reports_url) == (m.Rollout(), False, None)
+    manifest = parse_manifest(payload_of(manifest_obj(**dict.fromkeys(OPTIONAL_FIELDS))))
+    assert _optional_values(manifest) == DEFAULTS
 
 
 def test_partial_rollout_fills_the_missing_half() -> None:
@@ -547,17 +617,173 @@ def test_every_field_is_read() -> None:
         rollout={"percent": 25, "salt": "0.1.44"},
         downgrade=True,
         reports_url="https://reports.example.com/v1/reports",
+        container_digest="sha256:" + "0123456789abcdef" * 4,
+        signed_at="2026-02-20T08:30:00Z",
+        rollout_plan={"steps": [1, 10, 50, 100], "soak": "2h", "max_failure_rate": "0.05", "min_agents": 20},
     )
     manifest = verify(signed(payload_of(obj)))
+    assert set(obj) == set(manifest.to_dict())  # every field of the contract is in the test
     assert manifest.to_dict() == {
         **obj,
         "binaries": {k: dict(v) for k, v in sorted(obj["binaries"].items())},
     }
+    assert manifest.signed_at == datetime(2026, 2, 20, 8, 30, tzinfo=UTC)
+    assert manifest.rollout_plan == m.RolloutPlan(steps=(1, 10, 50, 100), soak="2h", max_failure_rate="0.05")
+    assert manifest.rollout_plan.soak_seconds == 7200
 
 
-def test_serial_may_be_zero_or_the_int64_maximum() -> None:
-    assert parse_manifest(payload_of(manifest_obj(serial=0))).serial == 0
-    assert parse_manifest(payload_of(manifest_obj(serial=(1 << 63) - 1))).serial == (1 << 63) - 1
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+PLAN = {"steps": [1, 10, 50, 100], "soak": "2h", "max_failure_rate": "0.05", "min_agents": 20}
+
+
+def plan(**changes: Any) -> dict[str, Any]:
+    return {**PLAN, **changes}
+
+
+# DESIGN section 2: the optional fields the controller and `progress` read. Agents parse them
+# strictly (decide nothing from them): every confusion of types a JSON writer can make is refused.
+NEW_FIELD_CASES = [
+    # -- container_digest: sha256:<64 lowercase hex>
+    pytest.param({"container_digest": DIGEST}, "ok", id="digest: sha256 and 64 hex"),
+    pytest.param({"container_digest": DIGEST.upper()}, "malformed_manifest", id="digest: upper case"),
+    pytest.param({"container_digest": DIGEST[7:]}, "malformed_manifest", id="digest: without sha256:"),
+    pytest.param({"container_digest": DIGEST[:-1]}, "malformed_manifest", id="digest: 63 hex"),
+    pytest.param({"container_digest": DIGEST + "0"}, "malformed_manifest", id="digest: 65 hex"),
+    pytest.param({"container_digest": DIGEST + "\n"}, "malformed_manifest", id="digest: trailing newline"),
+    pytest.param({"container_digest": "sha512:" + "0" * 64}, "malformed_manifest", id="digest: sha512"),
+    pytest.param({"container_digest": "sha256:" + "g" * 64}, "malformed_manifest", id="digest: not hex"),
+    pytest.param(
+        {"container_digest": "hellodk/avika-agent@" + DIGEST}, "malformed_manifest", id="digest: a ref"
+    ),
+    pytest.param({"container_digest": True}, "malformed_manifest", id="digest: a bool"),
+    pytest.param({"container_digest": ["sha256:"]}, "malformed_manifest", id="digest: a list"),
+    # -- signed_at: RFC 3339 with an offset
+    pytest.param({"signed_at": "2026-02-20T08:30:00Z"}, "ok", id="signed_at: UTC"),
+    pytest.param({"signed_at": "2026-02-20T10:30:00.5+02:00"}, "ok", id="signed_at: offset and fraction"),
+    pytest.param({"signed_at": "2026-02-20"}, "malformed_manifest", id="signed_at: a date"),
+    pytest.param({"signed_at": "2026-02-20T08:30:00"}, "malformed_manifest", id="signed_at: no offset"),
+    pytest.param({"signed_at": "yesterday"}, "malformed_manifest", id="signed_at: words"),
+    pytest.param({"signed_at": 1771576200}, "malformed_manifest", id="signed_at: epoch seconds"),
+    pytest.param({"signed_at": False}, "malformed_manifest", id="signed_at: a bool"),
+    pytest.param({"signed_at": ""}, "malformed_manifest", id="signed_at: empty"),
+    # -- rollout_plan
+    pytest.param({"rollout_plan": PLAN}, "ok", id="plan: the contract's example"),
+    pytest.param({"rollout_plan": plan(steps=[100])}, "ok", id="plan: one step at 100"),
+    pytest.param({"rollout_plan": plan(steps=list(range(1, 101)))}, "ok", id="plan: 100 steps"),
+    pytest.param({"rollout_plan": plan(soak="1h30m", min_agents=0)}, "ok", id="plan: 1h30m, min_agents 0"),
+    pytest.param({"rollout_plan": plan(max_failure_rate="0")}, "ok", id="plan: rate 0"),
+    pytest.param({"rollout_plan": plan(max_failure_rate="1.0")}, "ok", id="plan: rate 1.0"),
+    pytest.param({"rollout_plan": plan(soak="365d")}, "ok", id="plan: a soak of a year"),
+    pytest.param({"rollout_plan": {**PLAN, "future": 1}}, "ok", id="plan: unknown fields ignored"),
+    pytest.param({"rollout_plan": [1, 10, 100]}, "malformed_manifest", id="plan: a list"),
+    pytest.param({"rollout_plan": "1,10,100"}, "malformed_manifest", id="plan: a string"),
+    pytest.param({"rollout_plan": {}}, "malformed_manifest", id="plan: empty"),
+    *[
+        pytest.param(
+            {"rollout_plan": {k: v for k, v in PLAN.items() if k != name}},
+            "malformed_manifest",
+            id=f"plan: no {name}",
+        )
+        for name in PLAN
+    ],
+    pytest.param({"rollout_plan": plan(steps=[])}, "malformed_manifest", id="plan: no steps"),
+    pytest.param(
+        {"rollout_plan": plan(steps=[10, 10, 100])}, "malformed_manifest", id="plan: a repeated step"
+    ),
+    pytest.param({"rollout_plan": plan(steps=[50, 10, 100])}, "malformed_manifest", id="plan: decreasing"),
+    pytest.param(
+        {"rollout_plan": plan(steps=[1, 10, 50])}, "malformed_manifest", id="plan: not ending at 100"
+    ),
+    pytest.param({"rollout_plan": plan(steps=[0, 10, 100])}, "malformed_manifest", id="plan: a step of 0"),
+    pytest.param({"rollout_plan": plan(steps=[1, 101])}, "malformed_manifest", id="plan: a step of 101"),
+    pytest.param({"rollout_plan": plan(steps=[-1, 100])}, "malformed_manifest", id="plan: a negative step"),
+    pytest.param({"rollout_plan": plan(steps=[True, 100])}, "malformed_manifest", id="plan: a bool step"),
+    pytest.param({"rollout_plan": plan(steps=["10", "100"])}, "malformed_manifest", id="plan: string steps"),
+    pytest.param({"rollout_plan": plan(steps=100)}, "malformed_manifest", id="plan: steps a number"),
+    pytest.param({"rollout_plan": plan(soak=7200)}, "malformed_manifest", id="plan: soak as seconds"),
+    pytest.param({"rollout_plan": plan(soak="2 hours")}, "malformed_manifest", id="plan: soak in words"),
+    pytest.param({"rollout_plan": plan(soak=" 2h")}, "malformed_manifest", id="plan: soak with a space"),
+    pytest.param({"rollout_plan": plan(soak="2H")}, "malformed_manifest", id="plan: soak unit in capitals"),
+    pytest.param({"rollout_plan": plan(soak="1.5h")}, "malformed_manifest", id="plan: soak with a fraction"),
+    pytest.param({"rollout_plan": plan(soak="")}, "malformed_manifest", id="plan: an empty soak"),
+    pytest.param({"rollout_plan": plan(soak="366d")}, "malformed_manifest", id="plan: a soak over a year"),
+    pytest.param({"rollout_plan": plan(soak="1234567890s")}, "malformed_manifest", id="plan: 10 digits"),
+    pytest.param({"rollout_plan": plan(soak=True)}, "malformed_manifest", id="plan: a bool soak"),
+    pytest.param({"rollout_plan": plan(max_failure_rate=0)}, "malformed_manifest", id="plan: rate the int 0"),
+    pytest.param({"rollout_plan": plan(max_failure_rate=1)}, "malformed_manifest", id="plan: rate the int 1"),
+    pytest.param({"rollout_plan": plan(max_failure_rate=True)}, "malformed_manifest", id="plan: rate a bool"),
+    pytest.param(
+        {"rollout_plan": plan(max_failure_rate="1.5")}, "malformed_manifest", id="plan: rate over 1"
+    ),
+    pytest.param({"rollout_plan": plan(max_failure_rate="-0.05")}, "malformed_manifest", id="plan: rate < 0"),
+    pytest.param({"rollout_plan": plan(max_failure_rate=".05")}, "malformed_manifest", id="plan: rate .05"),
+    pytest.param({"rollout_plan": plan(max_failure_rate="0.")}, "malformed_manifest", id="plan: rate 0."),
+    pytest.param({"rollout_plan": plan(max_failure_rate="5e-2")}, "malformed_manifest", id="plan: rate 5e-2"),
+    pytest.param({"rollout_plan": plan(max_failure_rate="5%")}, "malformed_manifest", id="plan: rate 5%"),
+    pytest.param({"rollout_plan": plan(max_failure_rate="0,05")}, "malformed_manifest", id="plan: rate 0,05"),
+    pytest.param(
+        {"rollout_plan": plan(max_failure_rate=" 0.05")}, "malformed_manifest", id="plan: rate space"
+    ),
+    pytest.param({"rollout_plan": plan(max_failure_rate="NaN")}, "malformed_manifest", id="plan: rate NaN"),
+    pytest.param(
+        {"rollout_plan": plan(max_failure_rate="0.0000001")}, "malformed_manifest", id="plan: rate 7 decimals"
+    ),
+    pytest.param(
+        {"rollout_plan": plan(min_agents="20")}, "malformed_manifest", id="plan: min_agents a string"
+    ),
+    pytest.param({"rollout_plan": plan(min_agents=True)}, "malformed_manifest", id="plan: min_agents a bool"),
+    pytest.param({"rollout_plan": plan(min_agents=-1)}, "malformed_manifest", id="plan: min_agents < 0"),
+    pytest.param({"rollout_plan": plan(min_agents=None)}, "malformed_manifest", id="plan: min_agents null"),
+]
+
+
+@pytest.mark.parametrize(("fields", "code"), NEW_FIELD_CASES)
+def test_container_digest_signed_at_and_rollout_plan_are_parsed_strictly(
+    fields: dict[str, Any], code: str
+) -> None:
+    assert outcome(signed(payload_of(manifest_obj(**fields)))) == code
+
+
+def test_floats_in_a_rollout_plan_are_refused_by_strict_json() -> None:
+    # max_failure_rate is a decimal *string*: the payload has no floats anywhere (DESIGN section 2).
+    payload = payload_of(manifest_obj(rollout_plan=PLAN)).replace(b'"0.05"', b"0.05")
+    assert b'"max_failure_rate":0.05' in payload
+    assert outcome(signed(payload)) == "malformed_manifest"
+    payload = payload_of(manifest_obj(rollout_plan=plan(steps=[1, 100]))).replace(b"[1,100]", b"[1.0,100]")
+    assert outcome(signed(payload)) == "malformed_manifest"
+
+
+def test_a_plan_and_a_halt_together_are_still_a_valid_manifest() -> None:
+    # A halted release keeps its plan (progress says "halted"); the agent decides nothing from it.
+    manifest = verify(
+        signed(payload_of(manifest_obj(rollout={"percent": 0, "salt": "s"}, rollout_plan=PLAN)))
+    )
+    assert manifest.rollout.halted
+    assert manifest.rollout_plan is not None and manifest.rollout_plan.steps == (1, 10, 50, 100)
+
+
+MAX_SERIAL = (1 << 53) - 1
+
+
+@pytest.mark.parametrize(
+    ("serial", "code"),
+    [
+        pytest.param(1, "ok", id="serial 1 is the lowest"),
+        pytest.param(MAX_SERIAL, "ok", id="2^53-1 is the highest (exact as a JSON double)"),
+        pytest.param(0, "malformed_manifest", id="serial 0 is malformed"),
+        pytest.param(MAX_SERIAL + 1, "malformed_manifest", id="2^53 is malformed"),
+        pytest.param(
+            9223372036854775806,
+            "malformed_manifest",
+            id="the lock-out serial 2^63-2 of issue 10 is malformed",
+        ),
+        pytest.param((1 << 63) - 1, "malformed_manifest", id="the int64 maximum is malformed"),
+    ],
+)
+def test_serial_is_between_1_and_2_53_minus_1(serial: int, code: str) -> None:
+    assert outcome(signed(payload_of(manifest_obj(serial=serial)))) == code
+    # Even an agent that never accepted anything cannot be pushed above 2^53-1.
+    assert outcome(signed(payload_of(manifest_obj(serial=serial))), trust=TrustState(None, None)) == code
 
 
 def test_times_with_offsets_and_fractions_are_instants() -> None:
@@ -641,10 +867,10 @@ OTHER_42 = signed(payload_of(manifest_obj(changelog="same serial, other bytes"))
         ),
         pytest.param(GOOD, TrustState(0, None), "ok", id="a highest serial of zero still bounds from below"),
         pytest.param(
-            signed(payload_of(manifest_obj(serial=0))),
-            TrustState(1, None),
+            signed(payload_of(manifest_obj(serial=1))),
+            TrustState(2, None),
             "serial_rollback",
-            id="serial zero after serial one is rejected",
+            id="serial one after serial two is rejected",
         ),
     ],
 )
@@ -667,10 +893,10 @@ def test_whitespace_in_the_envelope_does_not_change_the_digest() -> None:
         pytest.param("binaries/0.1.44/x/avika-agent", "ok", id="a relative path is allowed"),
         pytest.param("/updates/avika-agent", "ok", id="a root-relative path is allowed"),
         pytest.param("../shared/avika-agent", "ok", id="a dot-dot path is allowed"),
-        pytest.param("//cdn.example.com/avika-agent", "ok", id="a scheme-relative URL is allowed"),
-        pytest.param("https://cdn.example.com/avika-agent", "ok", id="an https URL is allowed"),
-        pytest.param("http://10.0.0.1:5021/updates/a", "ok", id="an http URL is allowed"),
-        pytest.param("HTTPS://CDN.example.com/a", "ok", id="the scheme is case-insensitive"),
+        pytest.param("../../../../a", "ok", id="dot-dot never climbs off the origin"),
+        pytest.param(
+            "///evil.example/a", "bad_url", id="three slashes are refused: a WHATWG parser reads a host there"
+        ),
         pytest.param("file:///etc/passwd", "bad_url", id="a file URL is refused"),
         pytest.param("javascript:alert(1)", "bad_url", id="a javascript URL is refused"),
         pytest.param("ftp://mirror.example.com/a", "bad_url", id="an ftp URL is refused"),
@@ -682,11 +908,148 @@ def test_whitespace_in_the_envelope_does_not_change_the_digest() -> None:
         pytest.param("binaries/a\x7f", "bad_url", id="a URL with DEL is refused"),
         pytest.param("", "bad_url", id="an empty URL is refused"),
         pytest.param("http:/avika-agent", "bad_url", id="an http URL without a host is refused"),
+        pytest.param("https:avika-agent", "bad_url", id="an https URL without slashes is refused"),
+        pytest.param("//", "bad_url", id="two slashes and no host are refused"),
         pytest.param("https://[::1/a", "bad_url", id="a URL that does not parse is refused"),
     ],
 )
 def test_binary_urls_must_be_relative_or_http(url: str, code: str) -> None:
     assert outcome(signed(payload_of(with_binary(url=url)))) == code
+
+
+CDN = "https://cdn.example.net"
+
+
+# (url, manifest URL, UPDATE_BINARY_ORIGINS, expected): DESIGN section 2, "every binary url must be
+# relative ..., or absolute http(s) on the manifest's own origin or on an origin listed in
+# UPDATE_BINARY_ORIGINS". An origin is scheme + host + port; whoever can only re-sign must never
+# point the fleet at another host.
+ORIGIN_CASES = [
+    pytest.param("https://updates.example.com/avika/b/a", SERVED_FROM, (), "ok", id="own origin"),
+    pytest.param(
+        "https://updates.example.com:443/b/a", SERVED_FROM, (), "ok", id="own origin, port 443 written"
+    ),
+    pytest.param("HTTPS://UPDATES.Example.COM/b/a", SERVED_FROM, (), "ok", id="own origin, upper case"),
+    pytest.param("//updates.example.com/b/a", SERVED_FROM, (), "ok", id="scheme-relative to the own host"),
+    pytest.param(
+        "http://10.0.0.1:5021/updates/a",
+        "http://10.0.0.1:5021/updates/manifest.json",
+        (),
+        "ok",
+        id="own origin, an IPv4 gateway with a port",
+    ),
+    pytest.param(
+        "http://[2001:db8::1]:5021/u/a",
+        "http://[2001:DB8::1]:5021/u/manifest.json",
+        (),
+        "ok",
+        id="own IPv6 origin",
+    ),
+    pytest.param(
+        "http://gw:5021/u/a", "http://gw:5021/u/manifest.json", (), "ok", id="own origin, http with its port"
+    ),
+    pytest.param("https://cdn.example.net/avika/a", SERVED_FROM, (CDN,), "ok", id="a CDN in BINARY_ORIGINS"),
+    pytest.param("https://CDN.example.net:443/a", SERVED_FROM, (CDN,), "ok", id="the CDN, port 443 written"),
+    pytest.param("//cdn.example.net/a", SERVED_FROM, (CDN,), "ok", id="scheme-relative to the allowed CDN"),
+    pytest.param(
+        "http://[2001:db8::7]:8080/a",
+        SERVED_FROM,
+        ("http://[2001:db8::7]:8080",),
+        "ok",
+        id="an allowed IPv6 origin",
+    ),
+    pytest.param("https://cdn.example.net/a", SERVED_FROM, (), "bad_url", id="another host"),
+    pytest.param("https://cdn.example.net/a", None, (), "bad_url", id="no manifest URL: only relative"),
+    pytest.param("https://updates.example.com:8443/a", SERVED_FROM, (), "bad_url", id="own host, other port"),
+    pytest.param(
+        "https://updates.example.com:80/a", SERVED_FROM, (), "bad_url", id="own host, port 80 on https"
+    ),
+    pytest.param("http://updates.example.com/a", SERVED_FROM, (), "bad_url", id="own host over plain http"),
+    pytest.param("//mirror.example.org/a", SERVED_FROM, (), "bad_url", id="scheme-relative to another host"),
+    pytest.param(
+        "https://updates.example.com.evil.example/a", SERVED_FROM, (), "bad_url", id="own host as a prefix"
+    ),
+    pytest.param("https://evil-updates.example.com/a", SERVED_FROM, (), "bad_url", id="a look-alike host"),
+    pytest.param(
+        "https://updates.example.com./a", SERVED_FROM, (), "bad_url", id="own host with a trailing dot"
+    ),
+    pytest.param(
+        "https://updates.example.com@evil.example/a",
+        SERVED_FROM,
+        (),
+        "bad_url",
+        id="userinfo: the host is evil",
+    ),
+    pytest.param(
+        "https://updates.example.com:443@evil.example/a",
+        SERVED_FROM,
+        (),
+        "bad_url",
+        id="userinfo with a port",
+    ),
+    pytest.param(
+        "https://evil.example@updates.example.com/a",
+        SERVED_FROM,
+        (),
+        "bad_url",
+        id="userinfo even on own host",
+    ),
+    pytest.param("https://a@b@updates.example.com/a", SERVED_FROM, (), "bad_url", id="two @ signs"),
+    pytest.param("https://updates%2Eexample.com/a", SERVED_FROM, (), "bad_url", id="a percent-escaped host"),
+    pytest.param(
+        "https://updates.ex\u0430mple.com/a", SERVED_FROM, (), "bad_url", id="a non-ASCII look-alike"
+    ),
+    pytest.param("https://updates.example.com:/a", SERVED_FROM, (), "bad_url", id="an empty port"),
+    pytest.param("https://updates.example.com:99999/a", SERVED_FROM, (), "bad_url", id="a port beyond 65535"),
+    pytest.param(
+        "https://updates.example.com:4x3/a", SERVED_FROM, (), "bad_url", id="a port that is not a number"
+    ),
+    pytest.param("http://[2001:db8::2]/a", SERVED_FROM, (), "bad_url", id="an IPv6 literal not allowed"),
+    pytest.param(
+        "http://[::1]:8080/a", "http://[::1]:8081/u/manifest.json", (), "bad_url", id="own IPv6, other port"
+    ),
+    pytest.param("http://cdn.example.net/a", SERVED_FROM, (CDN,), "bad_url", id="the CDN host over http"),
+    pytest.param(
+        "https://cdn.example.net:8443/a", SERVED_FROM, (CDN,), "bad_url", id="the CDN host, other port"
+    ),
+    pytest.param(
+        "https://img.cdn.example.net/a", SERVED_FROM, (CDN,), "bad_url", id="a subdomain of the CDN"
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "served_from", "origins", "code"), ORIGIN_CASES)
+def test_absolute_binary_urls_stay_on_the_manifests_origin_or_an_allowed_one(
+    url: str, served_from: str | None, origins: tuple[str, ...], code: str
+) -> None:
+    data = signed(payload_of(with_binary(url=url)))
+    assert outcome(data, manifest_url=served_from, binary_origins=origins) == code
+
+
+def test_a_bad_url_names_the_url_and_the_allowed_origins() -> None:
+    data = signed(payload_of(with_binary(url="https://evil.example/a")))
+    with pytest.raises(m.BadUrl) as caught:
+        verify(data, binary_origins=(CDN,))
+    assert "https://evil.example/a" in caught.value.message
+    assert "https://updates.example.com" in caught.value.message and CDN in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "origin"),
+    [
+        ("https://updates.example.com/a", "https://updates.example.com"),
+        ("HTTPS://Updates.Example.com:443/a", "https://updates.example.com"),
+        ("http://updates.example.com:80", "http://updates.example.com"),
+        ("http://updates.example.com:443", "http://updates.example.com:443"),
+        ("http://[2001:DB8::1]:8080/x", "http://[2001:db8::1]:8080"),
+        ("ftp://updates.example.com/", None),
+        ("binaries/a", None),
+        ("https://:443/", None),
+        ("https://x:70000/", None),
+    ],
+)
+def test_url_origin_is_scheme_host_and_non_default_port(url: str, origin: str | None) -> None:
+    assert m.url_origin(url) == origin
 
 
 def test_every_binary_url_is_checked_not_only_this_platforms() -> None:

@@ -1,15 +1,19 @@
 """The conformance vectors in tests/vectors/ hold for agent.manifest (DESIGN section 2, contract).
 
 - every case of ``cases.json`` gives exactly its expected error code, or the expected manifest
-  fields, payload digest and resolved binary URLs;
-- the vectors cover every error code of the contract;
-- ``generate.py`` reproduces the committed files byte for byte (generator and files cannot drift);
+  fields, payload digest and resolved binary URLs, verified as served from the top-level
+  ``manifest_url`` with the case's ``binary_origins`` (``UPDATE_BINARY_ORIGINS``);
+- the vectors cover every error code of the contract, and each narrowing rule (1-16 signatures,
+  serials 1..2^53-1, binary URL origins, ``container_digest``, ``signed_at``, ``rollout_plan``);
+- ``generate.py`` reproduces the committed files byte for byte (generator and files cannot drift)
+  and never imports the agent (the vectors check the agent's code rather than echo it);
 - ``rollout.json`` agrees with FNV-1a's published values, with a C reference implementation and
   with ``rollout_bucket`` (Go's ``hash/fnv.New32a`` over the UTF-8 bytes of salt + agent_id, % 100).
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import json
@@ -60,6 +64,8 @@ def run_case(case: dict[str, Any]) -> Any:
         now=_time(case["now"]),
         trust=TrustState(highest_serial=trust["highest_serial"], digest=trust["digest"]),
         platform=case["platform"],
+        manifest_url=CASES_DOC["manifest_url"],
+        binary_origins=tuple(case["binary_origins"]),
     )
 
 
@@ -79,6 +85,9 @@ def manifest_fields(m: Any) -> dict[str, Any]:
         "rollout": {"percent": m.rollout.percent, "salt": m.rollout.salt},
         "downgrade": m.downgrade,
         "reports_url": m.reports_url,
+        "container_digest": m.container_digest,
+        "signed_at": None if m.signed_at is None else format_time(m.signed_at),
+        "rollout_plan": None if m.rollout_plan is None else m.rollout_plan.to_dict(),
     }
 
 
@@ -111,6 +120,65 @@ def test_vectors_cover_every_error_code_and_valid_cases() -> None:
     codes = {c["expected"]["error"] for c in CASES if c["expected"]["result"] == "error"}
     assert codes == set(ERROR_CODES)
     assert sum(c["expected"]["result"] == "ok" for c in CASES) >= 10
+
+
+# Each narrowing rule of DESIGN section 2 has accepted and refused cases: (name prefix, expected).
+NARROWING = [
+    ("ok_16_signatures", "ok"),
+    ("malformed_envelope_no_signatures", "malformed_envelope"),
+    ("malformed_envelope_17_signatures", "malformed_envelope"),
+    ("ok_serial_max", "ok"),
+    ("ok_serial_min", "ok"),
+    ("malformed_manifest_serial_zero", "malformed_manifest"),
+    ("malformed_manifest_serial_2_53", "malformed_manifest"),
+    ("ok_absolute_urls_on_own_origin", "ok"),
+    ("ok_absolute_urls_on_allowed_origins", "ok"),
+    ("bad_url_userinfo", "bad_url"),
+    ("bad_url_other_port", "bad_url"),
+    ("bad_url_allowed_host_over_http", "bad_url"),
+    ("ok_digest_signed_at_and_plan", "ok"),
+    ("malformed_manifest_container_digest", "malformed_manifest"),
+    ("malformed_manifest_signed_at", "malformed_manifest"),
+    ("malformed_manifest_rollout_plan", "malformed_manifest"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "result"), NARROWING, ids=[n[0] for n in NARROWING])
+def test_vectors_cover_each_narrowing_rule(prefix: str, result: str) -> None:
+    matching = [c for c in CASES if c["name"].startswith(prefix)]
+    assert matching, prefix
+    for case in matching:
+        expected = case["expected"]
+        assert expected.get("error", expected["result"]) == result, case["name"]
+
+
+def test_valid_cases_carry_the_new_fields_with_values() -> None:
+    full = next(c for c in CASES if c["name"] == "ok_full")["expected"]["manifest"]
+    assert full["container_digest"].startswith("sha256:")
+    assert full["signed_at"] == "2026-02-15T20:00:05Z"
+    assert full["rollout_plan"] == {
+        "steps": [1, 10, 50, 100],
+        "soak": "2h",
+        "max_failure_rate": "0.05",
+        "min_agents": 20,
+    }
+
+
+def test_every_case_names_its_binary_origins() -> None:
+    for case in CASES:
+        assert isinstance(case["binary_origins"], list), case["name"]
+    assert any(case["binary_origins"] for case in CASES)
+
+
+def test_the_generator_never_imports_the_agent() -> None:
+    tree = ast.parse((VECTORS / "generate.py").read_text(encoding="utf-8"))
+    imported = {
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+    }
+    assert not {name for name in imported if name.split(".")[0] in {"agent", "publisher", "controller"}}
 
 
 def test_vector_constants_match_the_module() -> None:

@@ -12,7 +12,8 @@ store (MinIO, Ceph) would. Everything else is a real process:
   runs ``update`` with ``UPDATE_SERVER=http://127.0.0.1:PORT/BUCKET/updates/stable``: it downloads,
   verifies and swaps in the 1.0.1 build; the next ``run`` starts it, watches it and commits;
 - a second ``release 1.0.1`` with other bytes is refused (exit 2) and the bucket, with versioning
-  enabled as in ``infra/template.yaml``, holds exactly the same object versions and ETags after.
+  enabled as in ``infra/template.yaml``, holds exactly the same object versions and ETags after;
+- ``rollback-to 1.0.0`` takes a running agent back from 1.0.1, and ``history`` lists the serials.
 
 What moto's server needs and enforces here (moto 5.2):
 - Agents fetch without credentials. moto answers an anonymous GET of an object with 403 unless a
@@ -157,10 +158,13 @@ def keygen(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
     return key, out["public_key"]
 
 
-def release(version: str, binary: Path, key: Path, store: str, endpoint: str, env: dict[str, str]) -> Any:
+def release(
+    version: str, binary: Path, key: Path, store: str, endpoint: str, env: dict[str, str], *extra: str
+) -> Any:
     return publish(
         "release",
         version,
+        *extra,
         "--binary",
         f"{PLATFORM}={binary}",
         "--key",
@@ -198,7 +202,8 @@ def published(tmp_path: Path, endpoint: str, bucket: Bucket, env: dict[str, str]
     for serial, version in enumerate(("1.0.0", "1.0.1"), start=1):
         path = tmp_path / "dist" / version / f"avika-agent-{PLATFORM}"
         builds[version] = (path, dev_binary(path, version, public))
-        out = json.loads(ok(release(version, path, key, store, endpoint, env)).stdout)
+        init = ["--init"] if serial == 1 else []  # the first release starts the store
+        out = json.loads(ok(release(version, path, key, store, endpoint, env, *init)).stdout)
         assert (out["status"], out["manifest"]["version"], out["manifest"]["serial"]) == (
             "published",
             version,
@@ -325,3 +330,29 @@ def test_a_second_release_of_a_version_with_other_bytes_is_refused_and_the_bucke
     done = ok(release("1.0.1", site["builds"]["1.0.1"][0], key, store, endpoint, aws_env))
     assert json.loads(done.stdout)["status"] == "unchanged"
     assert object_versions(bucket) == before_versions
+
+
+@pytest.mark.timeout(180)
+def test_history_and_rollback_to_through_an_s3_compatible_endpoint(tmp_path, endpoint, bucket, aws_env):
+    """A running agent takes 1.0.1, then ``rollback-to 1.0.0`` (the console script, --endpoint-url)
+    takes it back; ``history`` lists the three serials, all verifying with the key."""
+    site = published(tmp_path, endpoint, bucket, aws_env)
+    key, store, public = site["key"], site["store"], site["public"]
+    (_, old), (_, new) = site["builds"]["1.0.0"], site["builds"]["1.0.1"]
+    host = Host(tmp_path / "host", f"{endpoint}/{bucket.name}/{PREFIX}")
+    host.install("1.0.0", public)
+    s3 = ("--key", str(key), "--store", store, "--endpoint-url", endpoint)
+    try:
+        host.start()
+        wait_for(lambda: host.converged(new, "1.0.1"), 60, "1.0.1 to commit")
+        done = ok(publish("rollback-to", "1.0.0", *s3, "--json", env=aws_env, cwd=tmp_path))
+        out = json.loads(done.stdout)
+        assert (out["serial"], out["version"], out["manifest"]["downgrade"]) == (3, "1.0.0", True)
+        wait_for(lambda: host.converged(old, "1.0.0"), 60, "the rollback to 1.0.0 to commit")
+        assert host.status()["highest_serial"] == 3
+        rows = json.loads(ok(publish("history", *s3, "--json", env=aws_env, cwd=tmp_path)).stdout)
+        assert [(r["serial"], r["version"], r["verified"], r["live"]) for r in rows] == [
+            (3, "1.0.0", True, True), (2, "1.0.1", True, False), (1, "1.0.0", True, False),
+        ]  # fmt: skip
+    finally:
+        host.kill_all()

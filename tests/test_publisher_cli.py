@@ -52,6 +52,7 @@ def env(tmp_path: Path) -> dict:
 
 
 def release_args(env: dict, version: str = "0.1.44", *extra: str) -> list[str]:
+    """A release that may start the store (``--init``; on a store with releases it changes nothing)."""
     return [
         "release",
         version,
@@ -60,6 +61,7 @@ def release_args(env: dict, version: str = "0.1.44", *extra: str) -> list[str]:
         str(env["key"].path),
         "--store",
         str(env["store"]),
+        "--init",
         *extra,
     ]
 
@@ -185,7 +187,7 @@ def test_release_without_a_key_exits_2(env: dict) -> None:
 
 
 def test_signing_key_comes_from_the_environment(env: dict) -> None:
-    result = cli("release", "0.1.44", *env["binaries"], env={
+    result = cli("release", "0.1.44", *env["binaries"], "--init", env={
         "AVIKA_SIGNING_KEY": str(env["key"].path), "AVIKA_STORE": str(env["store"])})  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert live(env).serial == 1
@@ -266,7 +268,9 @@ def test_a_tampered_binary_makes_verify_exit_3_naming_the_checksum(env: dict) ->
 
 def test_an_expired_manifest_makes_verify_exit_3(env: dict) -> None:
     signer = load_key_file(env["key"].path)
-    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": Path(env["binaries"][1].split("=", 1)[1])})
+    spec = publishing.ReleaseSpec(
+        "0.1.44", {"linux-amd64": Path(env["binaries"][1].split("=", 1)[1])}, init=True
+    )
     publishing.release(DirStore(env["store"]), [signer], spec, now=NOW - timedelta(days=400))
     result = cli("verify", "--public-key", env["key"].public.b64, "--store", str(env["store"]))
     assert result.exit_code == 3 and "expired" in result.stderr

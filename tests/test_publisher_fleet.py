@@ -332,7 +332,7 @@ def released(tmp_path: Path) -> tuple[Path, Any]:
     binary = tmp_path / "dist" / "avika-agent"
     make_binary(binary, 4096, "0.1.44")
     done = cli(
-        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "10",
+        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "10", "--init",
         "--key", str(key.path), "--store", str(root),
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr

@@ -17,8 +17,10 @@ import pytest
 
 from agent.manifest import ManifestError, Rollout, verify_manifest
 from publisher import release as publishing
+from publisher import resign as resigning
+from publisher.archive import read_store
 from publisher.errors import PublishError, Refused, VerificationFailed
-from publisher.release import ReleaseSpec, read_current
+from publisher.release import ReleaseSpec
 from publisher.stores import CHUNK, DirStore, archive_key
 from tests.publisher_fixtures import NOW, make_binary, new_signer, sha256, snapshot
 
@@ -57,7 +59,7 @@ def builds(tmp_path: Path) -> dict[str, Path]:
 
 
 def spec(builds: dict[str, Path], version: str = "0.1.44", **kwargs) -> ReleaseSpec:  # type: ignore[no-untyped-def]
-    return ReleaseSpec(version=version, binaries=builds, **kwargs)
+    return ReleaseSpec(version=version, binaries=builds, **{"init": True, **kwargs})
 
 
 def live(store: DirStore, signer, now=NOW):  # type: ignore[no-untyped-def]
@@ -109,56 +111,58 @@ def test_serial_increments_across_release_rollout_halt_and_refresh(store, signer
     first = live(store, signer)
     later = NOW + timedelta(days=3)
 
-    publishing.resign(store, [signer], percent=50, now=later)
+    resigning.resign(store, [signer], percent=50, now=later)
     assert (live(store, signer, later).serial, live(store, signer, later).rollout) == (
         2,
         Rollout(50, "0.1.44"),
     )
-    publishing.resign(store, [signer], percent=0, now=later)  # halt
+    resigning.resign(store, [signer], percent=0, now=later)  # halt
     assert (live(store, signer, later).serial, live(store, signer, later).rollout.percent) == (3, 0)
-    publishing.resign(store, [signer], expires_in=timedelta(days=7), now=later)  # refresh
+    resigning.resign(store, [signer], expires_in=timedelta(days=7), now=later)  # refresh
     final = live(store, signer, later)
 
     assert final.serial == 4 and final.expires == later + timedelta(days=7)
     assert final.rollout.percent == 0  # refresh keeps the halt
-    # Everything but serial, expiry and rollout is the original release.
-    assert dataclasses.replace(final, serial=1, expires=first.expires, rollout=first.rollout, raw=b"") == (
-        dataclasses.replace(first, raw=b"")
-    )
+    assert (first.signed_at, final.signed_at) == (NOW, later)  # every signing records when
+    # Everything but serial, expiry, signing time and rollout is the original release.
+    unchanged = dict(serial=1, expires=first.expires, rollout=first.rollout, signed_at=NOW, raw=b"")
+    assert dataclasses.replace(final, **unchanged) == dataclasses.replace(first, raw=b"")
     assert store.list("manifests/") == [archive_key(n) for n in (1, 2, 3, 4)]
     assert store.read("manifest.json") == store.read("manifests/4.json")
 
 
 def test_next_serial_is_above_an_archive_left_by_an_interrupted_publish(store, signer, builds) -> None:
     publishing.release(store, [signer], spec(builds), now=NOW)
-    store.put_immutable("manifests/7.json", b"left behind by a publish that died before manifest.json")
-    publishing.resign(store, [signer], percent=20, now=NOW)
+    interrupted = dataclasses.replace(live(store, signer), serial=7, raw=b"")
+    _, envelope = publishing.sign_checked(interrupted, [signer], NOW)
+    store.put_immutable("manifests/7.json", envelope)  # archived, then the publish died
+    publishing.release(store, [signer], spec(builds, rollout_percent=20), now=NOW)
     assert live(store, signer).serial == 8
 
 
 def test_losing_the_race_for_a_serial_fails_clearly_and_leaves_manifest_json(store, signer, builds) -> None:
     publishing.release(store, [signer], spec(builds), now=NOW)
-    current = read_current(store)
-    manifest = dataclasses.replace(current.manifest, serial=2, raw=b"")
+    current = read_store(store, [signer.public_key])
+    manifest = dataclasses.replace(current.live_release, serial=2, raw=b"")
     _, envelope = publishing.sign_checked(manifest, [signer], NOW)
     store.put_immutable("manifests/2.json", b"claimed by another publisher a moment ago")
     before = snapshot(store.root)
 
     with pytest.raises(PublishError, match="serial 2 was claimed by a concurrent publish") as info:
-        publishing.publish_envelope(store, manifest, envelope, current)
+        publishing.publish_envelope(store, manifest, envelope, current.live_token)
 
     assert info.value.exit_code == 1 and snapshot(store.root) == before
 
 
 def test_manifest_json_never_moves_back_when_a_newer_publish_landed_first(store, signer, builds) -> None:
     publishing.release(store, [signer], spec(builds), now=NOW)
-    stale = read_current(store)  # a slow publisher read serial 1 ...
-    publishing.resign(store, [signer], percent=50, now=NOW)  # ... a fast one published serial 2
-    manifest = dataclasses.replace(stale.manifest, serial=3, raw=b"")
+    stale = read_store(store, [signer.public_key])  # a slow publisher read serial 1 ...
+    resigning.resign(store, [signer], percent=50, now=NOW)  # ... a fast one published serial 2
+    manifest = dataclasses.replace(stale.live_release, serial=3, raw=b"")
     _, envelope = publishing.sign_checked(manifest, [signer], NOW)
 
     with pytest.raises(PublishError, match="changed while serial 3 was being published"):
-        publishing.publish_envelope(store, manifest, envelope, stale)
+        publishing.publish_envelope(store, manifest, envelope, stale.live_token)
     assert live(store, signer).serial == 2  # the live pointer stayed at the newer publish
 
 
@@ -184,7 +188,9 @@ def test_a_rerelease_with_other_options_signs_a_new_serial(store, signer, builds
 def test_a_rerelease_signed_by_another_key_is_not_a_no_op(store, signer, builds) -> None:
     publishing.release(store, [signer], spec(builds), now=NOW)
     rotated = new_signer()
-    assert publishing.release(store, [rotated], spec(builds), now=NOW).status == "published"
+    # After a rotation the old key's envelopes are believed only when it is named as trusted.
+    outcome = publishing.release(store, [rotated], spec(builds), trusted=[signer.public_key], now=NOW)
+    assert outcome.status == "published" and outcome.warnings == []
     assert live(store, rotated).serial == 2
 
 
@@ -225,7 +231,8 @@ def test_an_older_version_needs_downgrade_then_points_at_the_binaries_already_th
     publishing.release(store, [signer], spec(builds, version="0.1.43"), now=NOW)
     newer = {"linux-amd64": tmp_path / "new-amd64"}
     make_binary(newer["linux-amd64"], 4000, "0.1.44")
-    publishing.release(store, [signer], spec(newer, version="0.1.44"), now=NOW)
+    arm_dropped = frozenset({"linux-arm64"})
+    publishing.release(store, [signer], spec(newer, version="0.1.44", drop_platforms=arm_dropped), now=NOW)
     before = snapshot(store.root)
 
     with pytest.raises(Refused, match=r"older than the current release 0\.1\.44.*--downgrade") as info:
@@ -244,7 +251,8 @@ def test_a_downgrade_with_other_bytes_than_the_archived_release_is_refused(
     publishing.release(store, [signer], spec(builds, version="0.1.43"), now=NOW)
     newer = {"linux-amd64": tmp_path / "new-amd64"}
     make_binary(newer["linux-amd64"], 4000, "0.1.44")
-    publishing.release(store, [signer], spec(newer, version="0.1.44"), now=NOW)
+    arm_dropped = frozenset({"linux-arm64"})
+    publishing.release(store, [signer], spec(newer, version="0.1.44", drop_platforms=arm_dropped), now=NOW)
     make_binary(builds["linux-arm64"], 3000, "not what 0.1.43 shipped")
     with pytest.raises(Refused, match="linux-arm64"):
         publishing.release(store, [signer], spec(builds, version="0.1.43", downgrade=True), now=NOW)
@@ -270,7 +278,7 @@ def test_min_version_may_not_exceed_the_release(store, signer, builds, min_versi
     [
         ({"version": "not-a-version"}, "not a version"),
         ({"min_version": "latest"}, "not a version"),
-        ({"binaries": {"Linux AMD64": None}}, "not a platform name"),
+        ({"binaries": {"Linux AMD64": None}}, "not a platform agents run on"),
         ({"rollout_percent": 101}, "rollout.percent"),
         ({"expires_in": timedelta(0)}, "must be positive"),
     ],
@@ -338,19 +346,19 @@ def test_resign_refuses_a_live_manifest_it_cannot_verify(store, signer, builds) 
     before = snapshot(store.root)
 
     with pytest.raises(VerificationFailed, match="refusing to re-sign") as info:
-        publishing.resign(store, [signer], percent=100, now=NOW)
+        resigning.resign(store, [signer], percent=100, now=NOW)
     assert (info.value.exit_code, info.value.code) == (3, "signature_invalid") and snapshot(
         store.root
     ) == before
 
     # After a key rotation the operator vouches for the old key explicitly.
-    publishing.resign(store, [signer], percent=100, trusted=[intruder.public_key], now=NOW)
+    resigning.resign(store, [signer], percent=50, trusted=[intruder.public_key], now=NOW)
     assert live(store, signer).serial == 2
 
 
 def test_resign_of_an_empty_store_fails(store, signer) -> None:
     with pytest.raises(PublishError, match="nothing to re-sign"):
-        publishing.resign(store, [signer], now=NOW)
+        resigning.resign(store, [signer], now=NOW)
 
 
 # ---------------------------------------------------------------- verify

@@ -44,7 +44,8 @@ from agent.manifest import Manifest, verify_manifest
 from publisher import cdn, s3store
 from publisher.errors import Refused
 from publisher.s3store import MiB, S3Store
-from publisher.stores import ANY, AlreadyExists, StoreError, object_headers, open_store
+from publisher.store_url import open_store
+from publisher.stores import ANY, AlreadyExists, StoreError, object_headers
 from tests.publisher_fixtures import cli, make_binary, new_key_file, sha256
 
 BUCKET = "avika-releases"
@@ -219,7 +220,18 @@ def env(tmp_path: Path) -> dict[str, Any]:
 
 
 def release_args(env: dict[str, Any], version: str = "0.1.44", *extra: str, store: str = STORE) -> list[str]:
-    return ["release", version, *env["binaries"], "--key", str(env["key"].path), "--store", store, *extra]
+    """A release that may start the store (``--init``)."""
+    return [
+        "release",
+        version,
+        *env["binaries"],
+        "--key",
+        str(env["key"].path),
+        "--store",
+        store,
+        "--init",
+        *extra,
+    ]
 
 
 def signing(env: dict[str, Any], store: str = STORE) -> list[str]:

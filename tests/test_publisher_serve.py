@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -227,7 +228,7 @@ def test_verify_and_show_over_http_audit_what_is_served(tmp_path) -> None:
     key = new_key_file(tmp_path)
     make_binary(tmp_path / "amd64", 2 * CHUNK + 1, "amd64")
     store = DirStore(tmp_path / "store")
-    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"})
+    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"}, init=True)
     publishing.release(store, [load_key_file(key.path)], spec)
     for server in _running(make_server(store.root, port=0)):
         reader = HttpReader(server.url)
@@ -243,12 +244,142 @@ def test_verify_and_show_over_http_audit_what_is_served(tmp_path) -> None:
         assert [b.error for b in publishing.verify(reader, [key.public]).binaries] == ["binary_missing"]
 
 
+# ---------------------------------------------------------------- hostile requests
+
+
+@pytest.fixture
+def reports_server(root: Path, tmp_path: Path) -> Iterator[UpdateServer]:
+    url = f"sqlite:///{tmp_path / 'reports.db'}"
+    yield from _running(make_server(root, port=0, reports_url=url, fleet_secret=SECRET))
+
+
+def head_of_answer(sock: socket.socket) -> bytes:
+    """Everything up to the end of the first response's headers (or what came before EOF)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def send_raw(server: UpdateServer, data: bytes, *, keep_open: bool = True) -> tuple[int | None, bytes]:
+    """Send bytes as they are; read the answer WITHOUT closing our side (unless told), so a server
+    that waits for more body bytes or for EOF shows up as a timeout, not as an answer."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(data)
+        if not keep_open:
+            sock.shutdown(socket.SHUT_WR)
+        head = head_of_answer(sock)
+    status = int(head[9:12]) if head.startswith(b"HTTP/1.") and head[9:12].isdigit() else None
+    return status, head
+
+
+@pytest.mark.parametrize(
+    "value", ["-1", "+5", "5_0", "0x10", "1e3", "", "5 5", "\u0661\u0662".encode().decode("latin-1"), "4,4"]
+)
+def test_a_content_length_that_is_not_ascii_digits_is_400_before_any_body_is_read(
+    reports_server: UpdateServer, value: str
+) -> None:
+    """``Content-Length: -1`` used to read the body until EOF, before authentication."""
+    request = (
+        f"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\n".encode("latin-1")
+        + b"x" * 100  # the client keeps the connection open and would go on sending
+    )
+    status, head = send_raw(reports_server, request)
+    assert status == 400, head
+    assert b"Connection: close" in head
+
+
+def test_two_different_content_lengths_are_400(reports_server: UpdateServer) -> None:
+    request = b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd"
+    assert send_raw(reports_server, request)[0] == 400
+
+
+@pytest.mark.parametrize("value", ["300000", "9" * 5000], ids=["300000", "5000-digits"])
+def test_a_content_length_over_the_limit_is_413_without_reading(
+    reports_server: UpdateServer, value: str
+) -> None:
+    request = f"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\n".encode() + b"{"
+    status, head = send_raw(reports_server, request)
+    assert status == 413 and b"Connection: close" in head
+
+
+def test_a_refused_body_can_be_sent_whole_and_its_answer_read(reports_server: UpdateServer) -> None:
+    """An agent splits a batch on 413, so it must see the 413. The server answers without reading
+    the body; a socket closed with unread input is reset, and a client that sends its whole body
+    before reading (http.client, urllib) then fails with a broken pipe and never reads the status.
+    So the server drains (and discards) a bounded amount before it closes. 8 MiB: more than
+    loopback's socket buffers absorb, less than the drain budget."""
+    size = 8 << 20
+    request = b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"{" * size
+    for _ in range(5):
+        with socket.create_connection(reports_server.server_address[:2], timeout=10) as sock:
+            sock.sendall(request)  # BrokenPipeError here when the server closed without draining
+            head = head_of_answer(sock)
+        assert head.startswith(b"HTTP/1.1 413"), head
+
+
+@pytest.mark.parametrize(
+    "headers", ["", "Transfer-Encoding: chunked\r\n", "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n"]
+)
+def test_a_body_without_a_length_is_411(reports_server: UpdateServer, headers: str) -> None:
+    request = f"POST /v1/reports HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode() + b"5\r\n{}\r\n"
+    status, head = send_raw(reports_server, request)
+    assert status == 411 and b"Connection: close" in head
+
+
+def test_a_get_with_a_body_closes_the_connection_after_the_answer(server: UpdateServer) -> None:
+    request = b"GET /manifest.json HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\n\r\nGET / HTTP/1.1\r\n"
+    status, head = send_raw(server, request)
+    assert status == 200 and b"Connection: close" in head
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=-" + "9" * 5000, "bytes=" + "1" * 20 + "-"],
+    ids=["5000-digit-start", "5000-digit-end", "5000-digit-suffix", "20-digit-start"],
+)
+def test_an_absurd_range_is_ignored_and_the_connection_survives(
+    server: UpdateServer, root: Path, header: str
+) -> None:
+    """A 5,000-digit Range killed the handler with a traceback (int() refuses that many digits)."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        conn.request("GET", "/helm-values.yaml", headers={"Range": header})
+        first = conn.getresponse()
+        assert (first.status, first.read()) == (200, (root / "helm-values.yaml").read_bytes())
+        conn.request("GET", "/manifest.json")  # the same connection: nothing was dropped
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "request_line, status",
+    [
+        (b" \t \r\n", 400),  # whitespace only: the base class answered nothing
+        (b"GET http://[::1/x HTTP/1.1\r\n", 400),  # urlsplit raises on this authority
+        (b"GET /manifest.json\r\n", 200),  # two words (HTTP/0.9): answered with a status line
+        (b"\r\nGET /manifest.json HTTP/1.1\r\n", 200),  # one empty line before a request is skipped
+        (b"GET /manifest.json HTTP/2.0\r\n", 505),
+        (b"G\x00T / HTTP/1.1\r\n", 501),
+    ],
+)
+def test_odd_request_lines_get_an_http_answer(server: UpdateServer, request_line: bytes, status: int) -> None:
+    got, head = send_raw(server, request_line + b"Host: x\r\n\r\n", keep_open=False)
+    assert got == status, head
+
+
 def test_range_parser_table() -> None:
     assert parse_range("bytes=0-0", 10) == (0, 0)
     assert parse_range("bytes=-20", 10) == (0, 9)
     assert parse_range("bytes=5-2", 10) is None
     assert parse_range("bytes=-", 10) is None
     assert parse_range("bytes=0-", 0) == "unsatisfiable"
+    assert parse_range("bytes=" + "9" * 20 + "-", 10) is None  # 20 digits: beyond any file, ignored
+    assert parse_range("bytes=\u0661-", 10) is None  # digits are ASCII digits
 
 
 def test_the_real_server_starts_on_port_0_serves_and_stops_on_sigterm(root) -> None:

@@ -102,7 +102,7 @@ def test_a_release_signed_in_kms_verifies_with_the_agent_verifier(kms, tmp_path:
     client, stubber = kms
     local = generate_private_key()
     make_binary(tmp_path / "amd64", 4096, "amd64")
-    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"})
+    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"}, init=True)
     store = DirStore(tmp_path / "store")
     # What will be signed is deterministic for a given clock: learn it from an unsigned dry run.
     planned = publishing.release(store, [], spec, now=NOW, dry_run=True).manifest
@@ -126,7 +126,7 @@ def test_a_kms_signature_that_does_not_verify_publishes_nothing(kms, tmp_path: P
     _expect_public_key(stubber, _der(local.public_key()))
     _expect_sign(stubber, ANY, generate_private_key().sign(b"something else"))  # a wrong signature
 
-    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"})
+    spec = publishing.ReleaseSpec("0.1.44", {"linux-amd64": tmp_path / "amd64"}, init=True)
     with pytest.raises(PublishError, match="failed re-verification"):
         publishing.release(store, [KmsSigner(KEY_ID, client=client)], spec, now=NOW)
     assert store.read("manifest.json") is None and store.list("manifests/") == []

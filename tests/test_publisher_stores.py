@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from publisher.errors import Refused
+from publisher.store_url import open_reader, open_store
 from publisher.stores import (
     ANY,
     CHUNK,
@@ -26,8 +27,6 @@ from publisher.stores import (
     StoreError,
     archive_serial,
     object_headers,
-    open_reader,
-    open_store,
     parse_binary_key,
 )
 from tests.publisher_fixtures import make_binary, sha256, snapshot

@@ -50,8 +50,23 @@ def test_invalid_agent_ids(agent_id: object) -> None:
 
 
 def test_states_are_the_design_states_in_order() -> None:
-    assert STATES[:2] == ("checking", "update_available")
-    assert set(STATES) - LIFECYCLE_STATES == {"checking", "update_available"}
+    # DESIGN section 4's happy path, its two endings, then section 5's liveness event.
+    assert STATES == (
+        "checking",
+        "update_available",
+        "downloading",
+        "verifying",
+        "staged",
+        "restarting",
+        "watching",
+        "committed",
+        "rolled_back",
+        "failed",
+        "heartbeat",
+    )
+    # Only an install attempt's states are lifecycle states (they move the VERSION# outcome item);
+    # a heartbeat is liveness, not history.
+    assert set(STATES) - LIFECYCLE_STATES == {"checking", "update_available", "heartbeat"}
     assert {"committed", "rolled_back", "failed"} <= LIFECYCLE_STATES
 
 

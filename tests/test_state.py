@@ -2,8 +2,13 @@
 
 - writes are atomic: temp file in the same directory + fsync + ``os.replace``; no temp file is
   left behind, and a failed write leaves the old file whole;
-- a missing ``state.json`` means defaults; a corrupt one is set aside (renamed, bytes kept),
-  replaced by defaults and flagged in ``corrupt`` so start-up never blocks;
+- a missing ``state.json`` means defaults; it is type-checked field by field on load (DESIGN
+  section 4): a field that does not check takes its default (a bad list or map entry is dropped),
+  the rest is kept; whatever the file holds -- random bytes, JSON of any type in any field -- loading
+  never raises and every reader of the state (the trust check, bad versions, back-off) works on it;
+- a corrupt or mistyped file is set aside by a transaction (renamed, bytes kept, never over an
+  earlier one), recorded in ``corrupt`` and ``last_error`` (``state_corrupt``) and logged, so start-up
+  never blocks; a plain reader (``status``) never writes and gets warnings instead;
 - only one update runs at a time: a second holder, in another process, gets ``LockBusy``; the
   lock is released when its context ends (or its process dies);
 - every read-modify-write of ``state.json`` is a ``state_transaction``: a short blocking lock on
@@ -17,24 +22,35 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from agent import lifecycle
 from agent import state as state_mod
+from agent.manifest import MAX_SERIAL, TrustState
 from agent.state import (
     LOCK_FILE,
+    STATE_CORRUPT,
     STATE_FILE,
     STATE_LOCK_FILE,
     AgentState,
     LockBusy,
     StateBusy,
+    check_state,
     load_state,
+    read_state,
     save_state,
     state_transaction,
+    state_warnings,
     update_lock,
     write_bytes_atomic,
     write_json_atomic,
@@ -157,29 +173,239 @@ def test_unknown_fields_in_state_are_ignored(tmp_path: Path) -> None:
         pytest.param(b'{"highest_serial": 4', id="truncated"),
         pytest.param(b"[1, 2]", id="a list"),
         pytest.param(b"\xff\xfe", id="not UTF-8"),
+        pytest.param(b"[" * 100_000, id="nested too deeply"),
+        pytest.param(b'{"highest_serial": "5"}', id="a string serial"),
+        pytest.param(b" " * (2 << 20), id="larger than any state"),
     ],
 )
-def test_a_corrupt_state_file_is_set_aside_and_defaults_used(tmp_path: Path, content: bytes) -> None:
+def test_a_corrupt_state_file_is_set_aside_and_defaults_used(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / STATE_FILE).write_bytes(content)
-    loaded = load_state(tmp_path)
-    assert not (tmp_path / STATE_FILE).exists()
-    assert loaded.corrupt is not None
-    aside = Path(loaded.corrupt)
+    with state_transaction(tmp_path) as loaded:
+        pass
+    aside = Path(str(loaded.corrupt))
     assert aside.parent == tmp_path
     assert aside.name.startswith(f"{STATE_FILE}.corrupt.")
     assert aside.read_bytes() == content
-    assert asdict(loaded) == {**asdict(AgentState()), "corrupt": loaded.corrupt}
+    assert loaded.last_error is not None and loaded.last_error["code"] == STATE_CORRUPT
+    assert aside.name in loaded.last_error["message"]
+    assert asdict(loaded) == {
+        **asdict(AgentState()),
+        "corrupt": loaded.corrupt,
+        "last_error": loaded.last_error,
+    }
+    assert load_state(tmp_path) == loaded  # what replaced it is whole and valid
+    assert any(aside.name in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
 def test_after_a_corrupt_state_the_next_save_starts_fresh(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE).write_bytes(b"garbage")
-    loaded = load_state(tmp_path)
-    loaded.highest_serial = 3
-    save_state(tmp_path, loaded)
+    with state_transaction(tmp_path) as loaded:
+        loaded.highest_serial = 3
     again = load_state(tmp_path)
     assert again.highest_serial == 3
-    assert {p.name for p in tmp_path.iterdir()} == {STATE_FILE, Path(str(loaded.corrupt)).name}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        STATE_FILE,
+        STATE_LOCK_FILE,
+        Path(str(loaded.corrupt)).name,
+    }
     assert Path(str(loaded.corrupt)).read_bytes() == b"garbage"
+
+
+def test_a_plain_read_never_writes(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b'{"highest_serial": "5", "last_check": "x"}')
+    loaded = load_state(tmp_path)
+    assert (loaded.highest_serial, loaded.last_check, loaded.corrupt) == (None, "x", None)
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
+
+
+def test_set_aside_files_never_overwrite_each_other(tmp_path: Path) -> None:
+    names = set()
+    for n in range(3):  # within one second, usually: each needs its own name
+        (tmp_path / STATE_FILE).write_bytes(b"broken %d" % n)
+        with state_transaction(tmp_path) as loaded:
+            pass
+        names.add(Path(str(loaded.corrupt)).name)
+    assert len(names) == 3
+    assert sorted((tmp_path / name).read_bytes() for name in names) == [b"broken 0", b"broken 1", b"broken 2"]
+
+
+GOOD_BAD_VERSION = {"version": "0.1.44", "sha256": "a" * 64, "reason": "too_many_boots", "time": "t"}
+GOOD_ATTEMPT = {
+    "version": "0.1.44",
+    "sha256": "a" * 64,
+    "failures": 2,
+    "next_attempt": "2026-03-01T12:00:00Z",
+}
+
+# (state.json object, the state that checks, how many problems): DESIGN section 4, field by field.
+FIELD_CASES = [
+    pytest.param({"highest_serial": "5"}, AgentState(), 1, id="a string serial (the TypeError of issue 10)"),
+    pytest.param({"highest_serial": 5.0}, AgentState(), 1, id="a float serial"),
+    pytest.param({"highest_serial": True}, AgentState(), 1, id="a bool serial"),
+    pytest.param({"highest_serial": -1}, AgentState(), 1, id="a negative serial"),
+    pytest.param({"highest_serial": MAX_SERIAL + 1}, AgentState(), 1, id="a serial no manifest can carry"),
+    pytest.param({"highest_serial": 0}, AgentState(highest_serial=0), 0, id="serial 0 from an old agent"),
+    pytest.param({"highest_serial": MAX_SERIAL}, AgentState(highest_serial=MAX_SERIAL), 0, id="2^53-1"),
+    pytest.param({"highest_digest": "xyz"}, AgentState(), 1, id="a digest that is not 64 hex"),
+    pytest.param({"highest_digest": "A" * 64}, AgentState(), 1, id="an upper-case digest"),
+    pytest.param({"highest_digest": 7}, AgentState(), 1, id="a numeric digest"),
+    pytest.param({"last_check": 5}, AgentState(), 1, id="a numeric last_check"),
+    pytest.param({"last_result": ["none"]}, AgentState(), 1, id="a list last_result"),
+    pytest.param({"last_error": "oops"}, AgentState(), 1, id="a string last_error"),
+    pytest.param({"last_error": {"code": 5}}, AgentState(), 1, id="a numeric error code"),
+    pytest.param({"corrupt": {}}, AgentState(), 1, id="an object corrupt"),
+    pytest.param({"bad_versions": "0.1.44"}, AgentState(), 1, id="bad_versions a string"),
+    pytest.param({"bad_versions": {"0.1.44": 1}}, AgentState(), 1, id="bad_versions an object"),
+    pytest.param(
+        {"bad_versions": [GOOD_BAD_VERSION, {"version": 44, "sha256": "a" * 64}, "x", {"version": "1"}]},
+        AgentState(bad_versions=[GOOD_BAD_VERSION]),
+        3,
+        id="bad entries dropped, good ones kept",
+    ),
+    pytest.param({"attempts": []}, AgentState(), 1, id="attempts a list"),
+    pytest.param(
+        {"attempts": {"a": GOOD_ATTEMPT, "b": {**GOOD_ATTEMPT, "failures": "2"}, "c": 3}},
+        AgentState(attempts={"a": GOOD_ATTEMPT}),
+        2,
+        id="attempts with a string count dropped",
+    ),
+    pytest.param({"attempts": {"a": {**GOOD_ATTEMPT, "failures": True}}}, AgentState(), 1, id="a bool count"),
+    pytest.param(
+        {"attempts": {"a": {**GOOD_ATTEMPT, "next_attempt": 5}}}, AgentState(), 1, id="numeric time"
+    ),
+    pytest.param(
+        {
+            "highest_serial": 9,
+            "highest_digest": "d" * 64,
+            "last_check": 5,
+            "bad_versions": [GOOD_BAD_VERSION],
+        },
+        AgentState(highest_serial=9, highest_digest="d" * 64, bad_versions=[GOOD_BAD_VERSION]),
+        1,
+        id="one broken field costs only that field",
+    ),
+    pytest.param(
+        {"highest_serial": None, "bad_versions": None, "attempts": None, "last_error": None},
+        AgentState(),
+        0,
+        id="nulls are defaults",
+    ),
+]
+
+
+@pytest.mark.parametrize(("obj", "expected", "problems"), FIELD_CASES)
+def test_state_is_type_checked_field_by_field(
+    tmp_path: Path, obj: dict[str, Any], expected: AgentState, problems: int
+) -> None:
+    found, named = check_state(obj)
+    assert found == expected
+    assert len(named) == problems, named
+    (tmp_path / STATE_FILE).write_text(json.dumps(obj))
+    with state_transaction(tmp_path) as loaded:
+        pass
+    if problems:
+        assert loaded.corrupt is not None and Path(loaded.corrupt).read_text() == json.dumps(obj)
+        assert loaded.last_error is not None and loaded.last_error["code"] == STATE_CORRUPT
+        assert replace(loaded, corrupt=None, last_error=expected.last_error) == expected
+    else:
+        assert loaded == expected
+        assert not [p for p in tmp_path.iterdir() if ".corrupt." in p.name]
+
+
+def test_a_problem_names_the_field_and_the_value(tmp_path: Path) -> None:
+    _, problems = check_state({"highest_serial": "5", "attempts": {"x": {"failures": "2"}}})
+    assert problems == [
+        f"highest_serial '5' is not an integer 0..{MAX_SERIAL}",
+        "attempts['x'] has failures '2'",
+    ]
+
+
+# ---------------------------------------------------------------- whatever the file holds
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+state_like = st.fixed_dictionaries(
+    {},
+    optional={
+        name: json_values
+        | (
+            st.lists(json_values | st.just(GOOD_BAD_VERSION), max_size=3)
+            if name == "bad_versions"
+            else json_values
+        )
+        | (
+            st.dictionaries(st.text(max_size=5), json_values | st.just(GOOD_ATTEMPT))
+            if name == "attempts"
+            else json_values
+        )
+        for name in (f.name for f in fields(AgentState))
+    },
+)
+
+
+def use_every_field(state: AgentState) -> None:
+    """What the agent's readers do with a loaded state; none of it may raise."""
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    lifecycle.blocked_pairs(state, now=now)
+    lifecycle.record_failure(state.attempts, "0.1.44", "a" * 64, "fetch_failed", now=now, interval=60)
+    lifecycle.remember_bad(state.bad_versions, "0.1.44", "a" * 64, "too_many_boots", now=now)
+    lifecycle.next_attempt(state.attempts, "0.1.44", "a" * 64)
+    for entry in state.attempts.values():
+        lifecycle.may_attempt(state.attempts, str(entry.get("version")), str(entry.get("sha256")), now=now)
+    trust = TrustState(state.highest_serial, state.highest_digest)
+    if trust.highest_serial is not None:
+        assert isinstance(trust.highest_serial, int) and not isinstance(trust.highest_serial, bool)
+        assert trust.highest_serial <= MAX_SERIAL  # so a valid manifest can always get above it
+    json.dumps(asdict(state))  # and it saves
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300) | state_like.map(lambda obj: json.dumps(obj).encode()))
+@example(b'{"highest_serial": "5"}')
+@example(b'{"attempts": {"x": {"failures": "2"}}}')
+@example(b'{"bad_versions": [{"version": ["x"], "sha256": 1}]}')
+@example(b'{"highest_serial": 1e400}')
+@example(b'{"highest_serial": NaN}')
+def test_whatever_state_json_holds_loading_never_raises_and_the_state_is_usable(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        state_dir = Path(tmp)
+        (state_dir / STATE_FILE).write_bytes(data)
+        read, _ = read_state(state_dir)
+        use_every_field(read)
+        state_warnings(state_dir)
+        with state_transaction(state_dir) as loaded:
+            use_every_field(loaded)
+        again, problems = read_state(state_dir)
+        assert problems == []  # what was saved over it checks
+        use_every_field(again)
+
+
+def test_status_warns_about_a_corrupt_file_and_a_kept_one_without_writing(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b'{"highest_serial": "5"}')
+    state, warnings = state_warnings(tmp_path)
+    assert state.highest_serial is None
+    assert len(warnings) == 1 and "highest_serial '5'" in warnings[0] and "corrupt" in warnings[0]
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # status never writes
+    with state_transaction(tmp_path) as loaded:
+        loaded.highest_serial = 7
+    state, warnings = state_warnings(tmp_path)
+    assert state.highest_serial == 7
+    assert len(warnings) == 1 and str(loaded.corrupt) in warnings[0] and "remove it" in warnings[0]
+    Path(str(loaded.corrupt)).unlink()  # inspected and removed: nothing left to say
+    assert state_warnings(tmp_path)[1] == []
+
+
+def test_an_unreadable_state_file_is_a_warning_for_status_and_an_os_error_for_a_check(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).mkdir()
+    state, warnings = state_warnings(tmp_path)
+    assert state == AgentState() and "cannot read" in warnings[0]
+    with pytest.raises(OSError):
+        read_state(tmp_path)
 
 
 # ---------------------------------------------------------------- the update lock

@@ -45,7 +45,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LocalSign
     signer = LocalSigner(generate_private_key())
     store = root / "updates"
     spec = ReleaseSpec(
-        "0.1.44", {"linux-amd64": binary}, image="hellodk/avika-agent:0.1.44", rollout_percent=50
+        "0.1.44", {"linux-amd64": binary}, image="hellodk/avika-agent:0.1.44", rollout_percent=50, init=True
     )
     release(DirStore(store), [signer], spec, now=NOW)
     return store, signer

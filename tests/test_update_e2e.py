@@ -109,6 +109,7 @@ def test_happy_path_with_real_agent_binaries_and_avika_publish_serve(tmp_path):
         str(bin_dir / "avika-publish"),
         "release",
         "1.1.0",
+        "--init",
         "--binary",
         f"{PLATFORM}={release}",
         "--key",

@@ -37,7 +37,8 @@ import pytest
 
 from infra.reports.auth import make_token
 from infra.reports.store import ReportStore
-from publisher.release import ReleaseSpec, release, resign
+from publisher.release import ReleaseSpec, release
+from publisher.resign import resign
 from publisher.serve import UpdateServer, make_server
 from publisher.stores import DirStore
 from tests.agent_harness import COMMITTED_CHAIN, PLATFORM, Host, dev_binary, keys_of, new_signer, wait_for
@@ -72,7 +73,7 @@ class ReportsSite:
         path = self.tmp / "builds" / version / f"avika-agent-{PLATFORM}"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        spec = ReleaseSpec(version, {PLATFORM: path}, image=IMAGE, reports_url=self.reports_url)
+        spec = ReleaseSpec(version, {PLATFORM: path}, image=IMAGE, reports_url=self.reports_url, init=True)
         return release(self.updates, [self.signer], spec).manifest.serial
 
     def resign(self) -> int:

@@ -43,6 +43,7 @@ from agent.manifest import Manifest, PublicKey, Signer
 from publisher import fleet, fleet_summary, steer
 from publisher import release as publishing
 from publisher.errors import PublishError, Refused, VerificationFailed
+from publisher.resign import NoLiveRelease
 from publisher.stores import Store
 
 from .console_auth import OPERATE, READ, Principal
@@ -450,7 +451,7 @@ class ConsoleAPI:
     def _history(self) -> list[dict[str, Any]]:
         assert self.releases is not None
         try:
-            return steer.release_history(self.releases.store, self.releases.trusted())[:HISTORY_ROWS]
+            return steer.history(self.releases.store, self.releases.trusted())[:HISTORY_ROWS]
         except PublishError as exc:
             raise _Problem(503, "unavailable", exc.message) from None
 
@@ -512,14 +513,19 @@ class ConsoleAPI:
                 invalidate=releases.invalidate,
             )
         except steer.SerialMoved as exc:
-            live = exc.live
+            try:
+                moved, _ = steer.live_release(releases.store)
+            except PublishError:
+                moved = None
             return problem(
                 412,
                 "precondition_failed",
                 exc.message,
-                live_serial=None if live is None else live.serial,
-                live_version=None if live is None else live.version,
+                live_serial=exc.live_serial,
+                live_version=None if moved is None else moved.version,
             )
+        except NoLiveRelease as exc:
+            raise _Problem(409, exc.code, exc.message) from None
         except VerificationFailed as exc:
             raise _Problem(409, exc.code, exc.message) from None
         except Refused as exc:

@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.manifest import parse_public_keys
 from publisher.signing import load_signers
-from publisher.stores import open_store
+from publisher.store_url import open_store
 
 from .auth import ConfigError
 from .console_api import Answer, ConsoleAPI, Releases, Request, problem

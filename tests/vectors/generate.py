@@ -190,6 +190,14 @@ def full(**changes: Any) -> dict[str, Any]:
             "rollout": {"percent": 25, "salt": "0.1.44"},
             "downgrade": False,
             "reports_url": "https://reports.example.com/v1/reports",
+            "container_digest": "sha256:" + fake_sha256("hellodk/avika-agent:0.1.44 image"),
+            "signed_at": "2026-02-15T20:00:05Z",
+            "rollout_plan": {
+                "steps": [1, 10, 50, 100],
+                "soak": "2h",
+                "max_failure_rate": "0.05",
+                "min_agents": 20,
+            },
         }
     )
     obj.update(changes)
@@ -234,7 +242,17 @@ def expected_fields(obj: dict[str, Any]) -> dict[str, Any]:
         "rollout": {"percent": rollout.get("percent", 100), "salt": rollout.get("salt", "")},
         "downgrade": obj.get("downgrade", False),
         "reports_url": obj.get("reports_url"),
+        "container_digest": obj.get("container_digest"),
+        "signed_at": None if obj.get("signed_at") is None else utc(obj["signed_at"]),
+        "rollout_plan": expected_plan(obj.get("rollout_plan")),
     }
+
+
+def expected_plan(plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The four fields of a plan, unknown ones dropped; null when there is none."""
+    if plan is None:
+        return None
+    return {name: plan[name] for name in ("steps", "soak", "max_failure_rate", "min_agents")}
 
 
 def resolved(obj: dict[str, Any], explicit: dict[str, str] | None = None) -> dict[str, str]:
@@ -245,6 +263,7 @@ def resolved(obj: dict[str, Any], explicit: dict[str, str] | None = None) -> dic
         if explicit and platform in explicit:
             out[platform] = explicit[platform]
         elif url.startswith(("http://", "https://")):
+            assert url == url.lower(), "give mixed-case absolute URLs explicitly"
             out[platform] = url
         else:
             assert not url.startswith(("/", ".")) and ".." not in url, url
@@ -267,6 +286,7 @@ class Case:
     highest_serial: int | None = None
     digest: str | None = None
     platform: str | None = VM_PLATFORM
+    binary_origins: tuple[str, ...] = ()
     tags: list[str] = field(default_factory=list)
 
 
@@ -287,6 +307,40 @@ def pad_to(data: bytes, size: int) -> bytes:
     """Trailing JSON whitespace, so the envelope stays valid apart from its size."""
     assert len(data) <= size
     return data + b" " * (size - len(data))
+
+
+PLAN: dict[str, Any] = {"steps": [1, 10, 50, 100], "soak": "2h", "max_failure_rate": "0.05", "min_agents": 20}
+# (case suffix, what is wrong, the fields that make it wrong): every one is malformed_manifest.
+PLAN_MISTAKES: list[tuple[str, str, dict[str, Any]]] = [
+    ("steps_empty", "no steps", {"steps": []}),
+    ("steps_not_increasing", "steps 1, 10, 10, 100 repeat a percent", {"steps": [1, 10, 10, 100]}),
+    ("steps_decreasing", "steps 50, 10, 100 go down", {"steps": [50, 10, 100]}),
+    ("steps_not_ending_at_100", "steps 1, 10, 50 stop short of 100", {"steps": [1, 10, 50]}),
+    ("step_zero", "a step of 0 (percent 0 is a halt, not a step)", {"steps": [0, 50, 100]}),
+    ("step_101", "a step of 101", {"steps": [1, 101]}),
+    ("step_bool", "a step that is true", {"steps": [True, 100]}),
+    ("step_string", 'steps as strings "10", "100"', {"steps": ["10", "100"]}),
+    ("soak_seconds_number", "soak as the number 7200", {"soak": 7200}),
+    ("soak_words", 'soak "2 hours"', {"soak": "2 hours"}),
+    ("soak_space", 'soak " 2h" (no spaces)', {"soak": " 2h"}),
+    ("soak_uppercase", 'soak "2H" (units are lower case)', {"soak": "2H"}),
+    ("soak_over_a_year", 'soak "366d" (at most 365d)', {"soak": "366d"}),
+    ("rate_number_zero", "max_failure_rate as the number 0", {"max_failure_rate": 0}),
+    ("rate_bool", "max_failure_rate true", {"max_failure_rate": True}),
+    ("rate_over_one", 'max_failure_rate "1.5"', {"max_failure_rate": "1.5"}),
+    ("rate_negative", 'max_failure_rate "-0.05"', {"max_failure_rate": "-0.05"}),
+    ("rate_no_leading_zero", 'max_failure_rate ".05"', {"max_failure_rate": ".05"}),
+    ("rate_exponent", 'max_failure_rate "5e-2"', {"max_failure_rate": "5e-2"}),
+    ("rate_percent", 'max_failure_rate "5%"', {"max_failure_rate": "5%"}),
+    (
+        "rate_seven_decimals",
+        'max_failure_rate "0.0000001" (at most 6 decimals)',
+        {"max_failure_rate": "0.0000001"},
+    ),
+    ("min_agents_string", 'min_agents "20"', {"min_agents": "20"}),
+    ("min_agents_bool", "min_agents true", {"min_agents": True}),
+    ("min_agents_negative", "min_agents -1", {"min_agents": -1}),
+]
 
 
 def build_cases() -> list[Case]:
@@ -311,12 +365,19 @@ def build_cases() -> list[Case]:
     full_envelope = envelope(payload)
     add("ok_full", "Every field of the contract, with values.", full_envelope, ok(obj, payload))
 
-    obj = full(container_image=None, min_version=None, reports_url=None)
+    obj = full(
+        container_image=None,
+        min_version=None,
+        reports_url=None,
+        container_digest=None,
+        signed_at=None,
+        rollout_plan=None,
+    )
     payload = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     add(
         "ok_publisher_canonical_nulls",
-        "Sorted keys, and null for the optional container_image, min_version and reports_url"
-        " (null means the default).",
+        "Sorted keys, and null for the optional container_image, min_version, reports_url,"
+        " container_digest, signed_at and rollout_plan (null means the default).",
         envelope(payload),
         ok(obj, payload),
     )
@@ -324,24 +385,17 @@ def build_cases() -> list[Case]:
     obj = minimal(
         binaries={
             "linux-amd64": binary("linux-amd64"),
-            "linux-arm64": {
-                **binary("linux-arm64"),
-                "url": "https://cdn.example.net/avika/avika-agent-linux-arm64",
-            },
             "linux-386": {**binary("linux-386"), "url": "/mirror/avika-agent-linux-386"},
             "linux-ppc64le": {**binary("linux-ppc64le"), "url": "../shared/avika-agent-linux-ppc64le"},
-            "linux-s390x": {
-                **binary("linux-s390x"),
-                "url": "//mirror.example.org/avika/avika-agent-linux-s390x",
-            },
-            "linux-riscv64": {**binary("linux-riscv64"), "url": "http://mirror.example.org/avika/riscv64"},
+            "linux-s390x": {**binary("linux-s390x"), "url": "../../../../avika-agent-linux-s390x"},
+            "linux-riscv64": {**binary("linux-riscv64"), "url": "./riscv64/avika-agent?x=1#frag"},
         }
     )
     payload = compact(obj)
     add(
-        "ok_relative_and_absolute_urls",
-        "Relative, root-relative, dot-dot, scheme-relative and absolute http(s) URLs are all allowed;"
-        " each resolves against the manifest URL (RFC 3986).",
+        "ok_relative_urls",
+        "Relative, root-relative and dot-dot URLs stay on the manifest's own origin; each resolves"
+        " against manifest_url (RFC 3986; dot-dot never climbs above the root).",
         envelope(payload),
         ok(
             obj,
@@ -349,10 +403,51 @@ def build_cases() -> list[Case]:
             {
                 "linux-386": "https://updates.example.com/mirror/avika-agent-linux-386",
                 "linux-ppc64le": "https://updates.example.com/shared/avika-agent-linux-ppc64le",
-                "linux-s390x": "https://mirror.example.org/avika/avika-agent-linux-s390x",
-                "linux-riscv64": "http://mirror.example.org/avika/riscv64",
+                "linux-s390x": "https://updates.example.com/avika-agent-linux-s390x",
+                "linux-riscv64": "https://updates.example.com/avika/riscv64/avika-agent?x=1#frag",
             },
         ),
+    )
+
+    obj = minimal(
+        binaries={
+            "linux-amd64": {**binary("linux-amd64"), "url": "https://updates.example.com/avika/b/amd64"},
+            "linux-arm64": {**binary("linux-arm64"), "url": "HTTPS://UPDATES.Example.COM:443/avika/b/arm64"},
+            "linux-386": {**binary("linux-386"), "url": "//updates.example.com/avika/b/386"},
+        }
+    )
+    payload = compact(obj)
+    add(
+        "ok_absolute_urls_on_own_origin",
+        "Absolute and scheme-relative URLs on the manifest's own origin (https://updates.example.com):"
+        " scheme and host compare case-insensitively, the default port may be written.",
+        envelope(payload),
+        ok(
+            obj,
+            payload,
+            {
+                "linux-arm64": "https://UPDATES.Example.COM:443/avika/b/arm64",
+                "linux-386": "https://updates.example.com/avika/b/386",
+            },
+        ),
+    )
+
+    obj = minimal(
+        binaries={
+            "linux-amd64": {**binary("linux-amd64"), "url": "https://cdn.example.net/avika/amd64"},
+            "linux-arm64": {**binary("linux-arm64"), "url": "//cdn.example.net/avika/arm64"},
+            "linux-386": {**binary("linux-386"), "url": "http://[2001:db8::7]:8080/avika/386"},
+            "linux-ppc64le": {**binary("linux-ppc64le"), "url": "binaries/ppc64le"},
+        }
+    )
+    payload = compact(obj)
+    add(
+        "ok_absolute_urls_on_allowed_origins",
+        "URLs on origins the agent allows (binary_origins, UPDATE_BINARY_ORIGINS): a CDN, also"
+        " scheme-relative, and an IPv6 literal with its port; relative URLs are still fine.",
+        envelope(payload),
+        ok(obj, payload, {"linux-arm64": "https://cdn.example.net/avika/arm64"}),
+        binary_origins=("https://cdn.example.net", "http://[2001:db8::7]:8080"),
     )
 
     obj = full()
@@ -398,6 +493,19 @@ def build_cases() -> list[Case]:
         ),
         ok(obj, payload),
     )
+    add(
+        "ok_16_signatures_one_valid",
+        "16 signature entries, the most allowed: 15 by the untrusted key (naming k1) and k1's own last.",
+        envelope_bytes(
+            {
+                "payloadType": PAYLOAD_TYPE,
+                "payload": b64(payload),
+                "signatures": [{"keyid": KEYS["k1"].keyid, "sig": b64(sign("untrusted", payload))}] * 15
+                + [sig_entry("k1", payload)],
+            }
+        ),
+        ok(obj, payload),
+    )
 
     obj = full(
         future_field={"nested": [1, 2, 3]},
@@ -439,7 +547,7 @@ def build_cases() -> list[Case]:
         ok(obj, payload),
     )
 
-    obj = full(changelog="unpadded")
+    obj = full(changelog="unpadded!")
     payload = compact(obj)
     assert len(payload) % 3 != 0, "pick a changelog that makes the payload need padding"
     add(
@@ -533,11 +641,43 @@ def build_cases() -> list[Case]:
         ok(obj, payload),
     )
 
-    obj = minimal(serial=(1 << 63) - 1)
+    obj = minimal(serial=(1 << 53) - 1)
     payload = compact(obj)
     add(
-        "ok_serial_max_int64",
-        "The largest serial is 2^63-1 (fits a Go int64).",
+        "ok_serial_max",
+        "The largest serial is 2^53-1 (exact as a double, so every JSON reader agrees).",
+        envelope(payload),
+        ok(obj, payload),
+    )
+    obj = minimal(serial=1)
+    payload = compact(obj)
+    add("ok_serial_min", "The smallest serial is 1.", envelope(payload), ok(obj, payload))
+
+    obj = minimal(
+        container_digest="sha256:" + fake_sha256("image"),
+        signed_at="2026-02-15T22:00:05.25+02:00",
+        rollout_plan={
+            "steps": [100],
+            "soak": "1h30m",
+            "max_failure_rate": "1.0",
+            "min_agents": 0,
+            "next": "x",
+        },
+    )
+    payload = compact(obj)
+    add(
+        "ok_digest_signed_at_and_plan",
+        "container_digest, signed_at with an offset and a fraction (expected in UTC, whole seconds), and a"
+        " one-step plan with an unknown field (ignored); agents parse these and decide nothing from them.",
+        envelope(payload),
+        ok(obj, payload),
+    )
+
+    obj = full(rollout={"percent": 0, "salt": "0.1.44"})
+    payload = compact(obj)
+    add(
+        "ok_halted_with_plan",
+        "A halted release (percent 0) keeps its plan: still a valid manifest.",
         envelope(payload),
         ok(obj, payload),
     )
@@ -639,6 +779,25 @@ def build_cases() -> list[Case]:
         error("malformed_envelope"),
     )
 
+    add(
+        "malformed_envelope_no_signatures",
+        "An empty signatures list: 1 to 16 entries are allowed.",
+        envelope_bytes({"payloadType": PAYLOAD_TYPE, "payload": b64(minimal_payload), "signatures": []}),
+        error("malformed_envelope"),
+    )
+    add(
+        "malformed_envelope_17_signatures",
+        "17 signature entries (all valid, by k1): more than 16, refused before any is verified.",
+        envelope_bytes(
+            {
+                "payloadType": PAYLOAD_TYPE,
+                "payload": b64(minimal_payload),
+                "signatures": [sig_entry("k1", minimal_payload)] * 17,
+            }
+        ),
+        error("malformed_envelope"),
+    )
+
     # ------------------------------------------------------------ wrong_payload_type
     add(
         "wrong_payload_type",
@@ -687,10 +846,13 @@ def build_cases() -> list[Case]:
         ),
         error("signature_invalid"),
     )
+    junk = {"keyid": KEYS["k1"].keyid, "sig": b64(sign("untrusted", minimal_payload))}
     add(
-        "signature_invalid_no_signatures",
-        "An empty signatures list.",
-        envelope_bytes({"payloadType": PAYLOAD_TYPE, "payload": b64(minimal_payload), "signatures": []}),
+        "signature_invalid_16_junk_signatures",
+        "16 signature entries, all made by the untrusted key (naming k1): each is verified, none counts.",
+        envelope_bytes(
+            {"payloadType": PAYLOAD_TYPE, "payload": b64(minimal_payload), "signatures": [junk] * 16}
+        ),
         error("signature_invalid"),
     )
     add(
@@ -754,6 +916,59 @@ def build_cases() -> list[Case]:
         ("string_serial", 'serial is the string "42".', replace_once(base, b'"serial":42', b'"serial":"42"')),
         ("negative_serial", "serial is -1.", replace_once(base, b'"serial":42', b'"serial":-1')),
         ("serial_above_int64", "serial is 2^63.", compact(minimal(serial=1 << 63))),
+        ("serial_zero", "serial is 0 (serials start at 1).", compact(minimal(serial=0))),
+        ("serial_2_53", "serial is 2^53, one above the largest.", compact(minimal(serial=1 << 53))),
+        (
+            "serial_int64_max",
+            "serial is 2^63-1 (a Go int64 reads it, a JavaScript double does not).",
+            compact(minimal(serial=(1 << 63) - 1)),
+        ),
+        (
+            "container_digest_uppercase",
+            "container_digest with upper-case hex.",
+            compact(minimal(container_digest="sha256:" + fake_sha256("image").upper())),
+        ),
+        (
+            "container_digest_no_algorithm",
+            "container_digest without the sha256: prefix.",
+            compact(minimal(container_digest=fake_sha256("image"))),
+        ),
+        (
+            "container_digest_short",
+            "container_digest with 63 hex digits.",
+            compact(minimal(container_digest="sha256:" + fake_sha256("image")[:63])),
+        ),
+        (
+            "container_digest_trailing_newline",
+            "container_digest followed by a newline.",
+            compact(minimal(container_digest="sha256:" + fake_sha256("image") + "\n")),
+        ),
+        (
+            "signed_at_no_offset",
+            "signed_at without an offset.",
+            compact(minimal(signed_at="2026-02-15T20:00:05")),
+        ),
+        ("signed_at_epoch", "signed_at as epoch seconds.", compact(minimal(signed_at=1771185605))),
+        ("signed_at_date_only", "signed_at is a date.", compact(minimal(signed_at="2026-02-15"))),
+        ("rollout_plan_not_object", "rollout_plan is a list.", compact(minimal(rollout_plan=[1, 10, 100]))),
+        *[
+            (
+                f"rollout_plan_{suffix}",
+                f"rollout_plan: {what}.",
+                compact(minimal(rollout_plan={**PLAN, **change})),
+            )
+            for suffix, what, change in PLAN_MISTAKES
+        ],
+        (
+            "rollout_plan_missing_soak",
+            "rollout_plan without soak (all four fields are required).",
+            compact(minimal(rollout_plan=without(PLAN, "soak"))),
+        ),
+        (
+            "rollout_plan_float_rate",
+            "max_failure_rate as the JSON number 0.05 (no floats anywhere: it is a decimal string).",
+            replace_once(compact(minimal(rollout_plan=PLAN)), b'"0.05"', b"0.05"),
+        ),
         ("missing_field", "expires is missing.", compact(without(minimal(), "expires"))),
         ("missing_binaries", "binaries is missing.", compact(without(minimal(), "binaries"))),
         ("unknown_schema", "schema is 2.", compact(minimal(schema=2))),
@@ -869,6 +1084,45 @@ def build_cases() -> list[Case]:
         error("bad_url"),
         platform=None,
     )
+    cdn = ("https://cdn.example.net",)
+    for suffix, url, what, origins in [
+        ("other_host", "https://cdn.example.net/avika/a", "on another host, with no origin allowed", ()),
+        (
+            "other_port",
+            "https://updates.example.com:8443/avika/a",
+            "on the manifest's host, another port",
+            (),
+        ),
+        ("port_80_on_https", "https://updates.example.com:80/avika/a", "on https with port 80", ()),
+        ("plain_http", "http://updates.example.com/avika/a", "on the manifest's host over plain http", ()),
+        ("scheme_relative_other_host", "//mirror.example.org/avika/a", "scheme-relative to another host", ()),
+        ("three_slashes", "///evil.example/avika/a", "///host (a WHATWG URL parser reads a host there)", ()),
+        ("host_prefix", "https://updates.example.com.evil.example/a", "the manifest's host as a prefix", ()),
+        ("trailing_dot", "https://updates.example.com./a", "the manifest's host with a trailing dot", ()),
+        ("userinfo", "https://updates.example.com@evil.example/a", "userinfo: the host is evil.example", ()),
+        (
+            "userinfo_own_host",
+            "https://user@updates.example.com/a",
+            "the manifest's host with userinfo (never allowed)",
+            (),
+        ),
+        ("percent_escaped_host", "https://updates%2Eexample.com/a", "a percent-escaped host", ()),
+        ("non_ascii_host", "https://updates.ex\u0430mple.com/a", "a host with a Cyrillic letter", ()),
+        ("empty_port", "https://updates.example.com:/a", "an empty port", ()),
+        ("port_out_of_range", "https://updates.example.com:65536/a", "port 65536", ()),
+        ("ipv6_not_allowed", "http://[2001:db8::7]:8080/a", "an IPv6 literal no origin allows", ()),
+        ("allowed_host_over_http", "http://cdn.example.net/a", "an allowed host over another scheme", cdn),
+        ("allowed_host_other_port", "https://cdn.example.net:8443/a", "an allowed host, another port", cdn),
+        ("subdomain_of_allowed", "https://img.cdn.example.net/a", "a subdomain of an allowed host", cdn),
+    ]:
+        obj = minimal(binaries={"linux-amd64": {**binary("linux-amd64"), "url": url}})
+        add(
+            f"bad_url_{suffix}",
+            f"The binary URL is {what}.",
+            envelope(compact(obj)),
+            error("bad_url"),
+            binary_origins=origins,
+        )
 
     # ------------------------------------------------------------ no_binary_for_platform
     add(
@@ -1045,6 +1299,7 @@ def cases_document(cases: list[Case]) -> dict[str, Any]:
                 "now": case.now,
                 "trust": {"highest_serial": case.highest_serial, "digest": case.digest},
                 "platform": case.platform,
+                "binary_origins": list(case.binary_origins),
                 "expected": case.expected,
             }
             for case in cases
