@@ -147,7 +147,9 @@ def release_store(tmp: Path) -> tuple[Path, Path]:
     binary.write_bytes(os.urandom(4096))
     root = tmp / "updates"
     root.mkdir()
-    spec = publishing.ReleaseSpec(version="0.1.44", binaries={"linux-amd64": binary}, rollout_percent=50)
+    spec = publishing.ReleaseSpec(
+        version="0.1.44", binaries={"linux-amd64": binary}, rollout_percent=50, init=True
+    )
     publishing.release(DirStore(root), [load_key_file(key)], spec)
     return root, key
 

@@ -134,23 +134,26 @@ def sign_plan(site: Site, steps: tuple[int, ...], percent: int, *, min_agents: i
 
     from agent.manifest import Rollout, RolloutPlan
     from publisher import release as publishing
+    from publisher.archive import read_store
     from publisher.signing import load_key_file
     from publisher.stores import DirStore
 
     store = DirStore(site.root)
-    current = publishing.read_current(store)
-    assert current.manifest is not None
+    signer = load_key_file(site.key.path)
+    view = read_store(store, [signer.public_key])
+    live = view.live_release
+    assert live is not None
     now = datetime.now(UTC).replace(microsecond=0)
     planned = replace(
-        current.manifest,
-        serial=publishing.next_serial(store, current),
-        rollout=Rollout(percent, current.manifest.rollout.salt),
+        live,
+        serial=view.next_serial(),
+        rollout=Rollout(percent, live.rollout.salt),
         rollout_plan=RolloutPlan(steps, "2h", "0.25", min_agents),
         signed_at=now,
         raw=b"",
     )
-    manifest, envelope = publishing.sign_checked(planned, [load_key_file(site.key.path)], now)
-    publishing.publish_envelope(store, manifest, envelope, current)
+    manifest, envelope = publishing.sign_checked(planned, [signer], now)
+    publishing.publish_envelope(store, manifest, envelope, view.live_token)
     return manifest
 
 
@@ -175,7 +178,7 @@ def mixed_reports(site: Site) -> None:
 def start_site(tmp: Path, *, rollout: int = 25, signing: bool = True, tokens: str = TOKENS) -> Site:
     key = new_key_file(tmp)
     root = tmp / "updates"
-    release(root, key, "0.1.44", "--rollout", str(rollout), "--image", "ghcr.io/avika/agent:0.1.44")
+    release(root, key, "0.1.44", "--rollout", str(rollout), "--image", "ghcr.io/avika/agent:0.1.44", "--init")
     db = tmp / "reports.db"
     console = make_console(
         f"sqlite:///{db}", str(root), key_files=[str(key.path)] if signing else [], tokens=tokens

@@ -37,7 +37,6 @@ from console_fixtures import (
 
 from infra.reports.auth import make_token
 from publisher import fleet
-from publisher import release as publishing
 from tests.publisher_fixtures import cli, snapshot
 
 OPS = OPERATE_SECRET
@@ -114,7 +113,7 @@ def test_an_action_on_a_serial_that_moved_is_412(site: Site, method: str, path: 
         2,
         "0.1.45",
     )
-    assert "serial 1" in problem["message"]
+    assert "not 1" in problem["message"]
     assert snapshot(site.root) == before
     assert site.live().version == "0.1.45" and site.live().rollout.percent == 10
 
@@ -207,14 +206,17 @@ def test_two_operators_halting_the_same_serial_sign_once(site: Site) -> None:
 def test_a_publish_between_the_check_and_the_write_is_refused(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The serial is checked on the very read the re-sign swaps against, not only before it."""
-    real = publishing.resign
+    """A publish landing after the serial was checked and before the write: the write's
+    compare-and-swap refuses it, and the operator hears 412, not a retry and not a halt."""
+    from publisher import resign as resigning
+
+    real = resigning.publish_envelope
 
     def raced(*args: Any, **kwargs: Any) -> Any:
-        release(site.root, site.key, "0.1.45", "--rollout", "5")  # lands after steer's own check
+        release(site.root, site.key, "0.1.45", "--rollout", "5")  # lands between check and write
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(publishing, "resign", raced)
+    monkeypatch.setattr(resigning, "publish_envelope", raced)
     answer = site.call("POST", "/v1/halt", OPS, headers={"If-Match": '"1"'})
     assert answer.status_code == 412, answer.text
     live = site.live()

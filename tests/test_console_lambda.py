@@ -130,7 +130,7 @@ def cloud(aws: None, clean_config: None, monkeypatch: pytest.MonkeyPatch, tmp_pa
     binary = tmp_path / "avika-agent"
     make_binary(binary, 4096, "0.1.44")
     done = cli(
-        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "25",
+        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "25", "--init",
         "--key", str(key.path), "--store", STORE,
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr
