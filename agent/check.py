@@ -244,6 +244,11 @@ def _platform(mode: str) -> str | None:
         return None
 
 
+def make_fetcher(config: AgentConfig) -> HttpFetcher:
+    """The agent's fetcher, with the configured deadlines (DESIGN section 3)."""
+    return HttpFetcher(fetch_timeout=config.fetch_timeout, download_timeout=config.download_timeout)
+
+
 def fetch(config: AgentConfig, fetcher: Fetcher) -> tuple[int, bytes, str | None]:
     """Step 2: (status, envelope to verify, ETag). Raises ``DownloadError`` or ``TooLarge``."""
     url = config.manifest_url
@@ -327,7 +332,7 @@ def check(
     agent_id = resolve_agent_id(config)
     version = current_version(config)
     own_fetcher = fetcher is None
-    fetcher = fetcher or HttpFetcher()
+    fetcher = fetcher or make_fetcher(config)
     try:
         fetched = fetch(config, fetcher)
     except (ManifestError, DownloadError) as exc:  # too_large is found while fetching

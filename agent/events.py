@@ -4,7 +4,9 @@ The lifecycle, the runner and the watchdog call one method, :meth:`EventSink.emi
 know where the event goes. The base class builds the event with the fields DESIGN section 5
 names (``event_id``, ``time``, ``state``, ``agent_id``, ``version``, ``mode``, ``platform``,
 ``target_version``, ``manifest_serial`` and the optional ``failed_state``, ``error``, ``image``,
-``in_wave``); a sink implements only :meth:`EventSink._deliver`. ``stream`` and ``seq`` belong
+``in_wave``, ``last_result``, ``uptime_s``); a sink implements only :meth:`EventSink._deliver`.
+``last_emitted`` (monotonic) is when this sink last reported anything: a heartbeat is due after
+``UPDATE_HEARTBEAT_INTERVAL`` of silence (:mod:`agent.heartbeat`). ``stream`` and ``seq`` belong
 to the durable report queue (:class:`agent.reports.QueueSink`, the production sink behind this
 same interface), which numbers events as it appends them.
 
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from agent.manifest import format_time
@@ -36,16 +39,17 @@ from infra.reports.validation import CONTROL_RE, STATES
 
 log = logging.getLogger("agent.events")
 
-# DESIGN section 5: `error` is at most 512 characters, without control characters.
+# DESIGN section 5: `error` is at most 512 characters, `last_result` 64, without control characters.
 MAX_ERROR_CHARS = 512
+MAX_LAST_RESULT_CHARS = 64
 
 
-def clean_error(text: str | None) -> str | None:
-    """An ``error`` fit for a report: control characters replaced, at most 512 characters."""
+def clean_error(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
+    """An ``error`` (or ``last_result``) fit for a report: control characters replaced, at most ``limit``."""
     if text is None:
         return None
     text = CONTROL_RE.sub(" ", text)
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,17 @@ class EventSink(abc.ABC):
     #: True when events are sent to a reports endpoint (the commit waits for one delivery).
     configured: bool = False
 
-    def __init__(self, origin: Origin, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        clock: Callable[[], datetime] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.origin = origin
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self.monotonic = monotonic
+        #: ``monotonic()`` of the last event emitted (or of the sink's creation).
+        self.last_emitted = monotonic()
 
     @property
     def delivered(self) -> int:
@@ -98,6 +110,8 @@ class EventSink(abc.ABC):
         error: str | None = None,
         image: str | None = None,
         in_wave: bool | None = None,
+        last_result: str | None = None,
+        uptime_s: int | None = None,
     ) -> dict[str, Any]:
         """Report that the update entered ``state``; returns the event as delivered."""
         if state not in STATES:
@@ -118,8 +132,11 @@ class EventSink(abc.ABC):
             "error": clean_error(error),
             "image": image,
             "in_wave": in_wave,
+            "last_result": clean_error(last_result, MAX_LAST_RESULT_CHARS),
+            "uptime_s": uptime_s,
         }
         event.update({k: v for k, v in optional.items() if v is not None})
+        self.last_emitted = self.monotonic()
         self._deliver(event)
         return event
 
@@ -133,7 +150,9 @@ class LogSink(EventSink):
     def _deliver(self, event: dict[str, Any]) -> None:
         level = logging.WARNING if event["state"] in ("failed", "rolled_back") else logging.INFO
         detail = " ".join(
-            f"{k}={event[k]}" for k in ("target_version", "failed_state", "error") if event.get(k) is not None
+            f"{k}={event[k]}"
+            for k in ("target_version", "failed_state", "error", "last_result", "uptime_s")
+            if event.get(k) is not None
         )
         log.log(level, "update state %s %s", event["state"], detail, extra={"event": event})
 
@@ -141,8 +160,13 @@ class LogSink(EventSink):
 class RecordingSink(EventSink):
     """Keeps every event, in order (tests)."""
 
-    def __init__(self, origin: Origin | None = None, clock: Callable[[], datetime] | None = None) -> None:
-        super().__init__(origin or Origin("test-agent", "0.0.0", "vm", "linux-amd64"), clock)
+    def __init__(
+        self,
+        origin: Origin | None = None,
+        clock: Callable[[], datetime] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(origin or Origin("test-agent", "0.0.0", "vm", "linux-amd64"), clock, monotonic)
         self.events: list[dict[str, Any]] = []
 
     def _deliver(self, event: dict[str, Any]) -> None:

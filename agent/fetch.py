@@ -1,10 +1,12 @@
 """HTTP for the agent: the manifest's conditional GET and the capped, resumable binary download.
 
 The base class :class:`Fetcher` does the work every transport shares (python-tuf's fetcher
-shape): it follows redirects under one policy, caps what it reads, hashes while streaming and
-resumes with ``Range``. A transport implements only :meth:`Fetcher._fetch`, one GET that does not
-follow redirects and returns a streaming :class:`Response`; :class:`HttpFetcher` is the real one
-(requests), tests may substitute a simulator.
+shape): it follows redirects under one policy, caps what it reads, hashes while streaming, resumes
+with ``Range`` and keeps the time limits. A transport implements only :meth:`Fetcher._fetch`, one
+GET that does not follow redirects and returns a streaming :class:`Response`, within the
+:class:`agent.transport.Budget` it is given; :class:`HttpFetcher` is the real one
+(:mod:`agent.transport`: the standard library's ``http.client`` and ``ssl``), tests may substitute
+a simulator.
 
 Rules (DESIGN sections 2, 4 and 7):
 
@@ -15,13 +17,21 @@ Rules (DESIGN sections 2, 4 and 7):
 - a download writes at most ``size`` bytes (more is ``size_exceeded``), hashes while streaming
   (a wrong digest is ``checksum_mismatch``), never holds the binary in memory, and after a dropped
   connection resumes with ``Range`` (checking ``206`` and the ``Content-Range`` start; a server
-  that ignores ``Range`` restarts the file from byte 0). Too few bytes in the end is ``truncated``.
+  that ignores ``Range`` restarts the file from byte 0). Too few bytes in the end is ``truncated``;
+- time (DESIGN section 3): one manifest fetch, connect to last byte and redirects included, ends
+  at ``fetch_timeout`` (``UPDATE_FETCH_TIMEOUT``) however slowly bytes arrive (``fetch_failed``
+  naming it); one download, every resume and every wait between attempts included, ends at
+  ``download_timeout`` (``UPDATE_DOWNLOAD_TIMEOUT``: ``download_timeout``); a download connection
+  on which nothing arrives for ``stall_timeout`` (:data:`STALL_TIMEOUT`) is ``stalled``, and
+  resumed like a dropped one. The transport enforces them on every socket operation (a shrinking
+  socket timeout), not between chunks.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import http.client
 import logging
 import os
 import queue
@@ -33,20 +43,22 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import requests
-import urllib3
-
-from agent import buildinfo, manifest
+from agent import buildinfo, manifest, transport
+from agent.transport import Budget, DeadlineExceeded, IdleTimeout, Timeout
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 30.0
-# The manifest is small: a server that drips it slower than this is treated as down, so a
-# slow-loris CDN cannot hold the agent's check forever (each read alone has READ_TIMEOUT).
-MANIFEST_DEADLINE = 120.0
+CONNECT_TIMEOUT = transport.CONNECT_TIMEOUT
+# While fetching the manifest: the longest wait for any one read. The whole fetch has FETCH_TIMEOUT.
+READ_TIMEOUT = transport.READ_TIMEOUT
+# DESIGN section 3's defaults (the config's UPDATE_FETCH_TIMEOUT, UPDATE_DOWNLOAD_TIMEOUT).
+FETCH_TIMEOUT = 120.0
+DOWNLOAD_TIMEOUT = 1800.0
+# A download connection on which nothing arrives for this long is stalled (DESIGN section 3): it
+# is dropped and resumed with Range, within the download's deadline.
+STALL_TIMEOUT = 60.0
 DEFAULT_CHUNK = 256 * 1024
 MIN_CHUNK, MAX_CHUNK = 64 * 1024, 1024 * 1024
 # Consecutive download attempts that add no byte before giving up; attempts that make progress
@@ -102,6 +114,21 @@ class ChecksumMismatch(DownloadError):
     """All ``size`` bytes arrived but they do not hash to the manifest's ``sha256``."""
 
     code = "checksum_mismatch"
+
+
+class Stalled(FetchFailed):
+    """Nothing arrived on a download connection for the stall limit (resumed until retries run out)."""
+
+    code = "stalled"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+class DownloadTimeout(DownloadError):
+    """The download (resumes and waits included) did not finish within ``UPDATE_DOWNLOAD_TIMEOUT``."""
+
+    code = "download_timeout"
 
 
 # ---------------------------------------------------------------- responses and policy
@@ -229,7 +256,7 @@ class _Progress:
 
 
 class Fetcher(abc.ABC):
-    """Shared work: redirects, caps, hashing, resume. A transport implements :meth:`_fetch`."""
+    """Shared work: redirects, caps, hashing, resume, time limits. A transport implements :meth:`_fetch`."""
 
     def __init__(
         self,
@@ -238,23 +265,33 @@ class Fetcher(abc.ABC):
         max_redirects: int = MAX_REDIRECTS,
         retries: int = DOWNLOAD_RETRIES,
         retry_delay: float = 1.0,
-        manifest_deadline: float = MANIFEST_DEADLINE,
+        fetch_timeout: float | None = FETCH_TIMEOUT,
+        download_timeout: float | None = DOWNLOAD_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.chunk_size = min(max(chunk_size, MIN_CHUNK), MAX_CHUNK)
         self.max_redirects = max_redirects
         self.retries = retries
         self.retry_delay = retry_delay
-        self.manifest_deadline = manifest_deadline
+        self.fetch_timeout = fetch_timeout
+        self.download_timeout = download_timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.stall_timeout = stall_timeout
         self._sleep = sleep
+        self._clock = clock
 
     @abc.abstractmethod
-    def _fetch(self, url: str, headers: Mapping[str, str]) -> Response:
-        """One GET of ``url`` with ``headers``, not following redirects.
+    def _fetch(self, url: str, headers: Mapping[str, str], budget: Budget) -> Response:
+        """One GET of ``url`` with ``headers``, not following redirects, within ``budget``.
 
-        Returns the response with its body unread (``chunks`` yields it in about ``chunk_size``
-        pieces). Connection errors, here or while iterating ``chunks``, must be raised as
-        ``FetchFailed(..., retryable=True)``.
+        Returns the response with its body unread (``chunks`` yields it in pieces of at most
+        ``chunk_size``). A :class:`agent.transport.Timeout` (here or while iterating ``chunks``) is
+        raised as it is; other connection errors as ``FetchFailed(..., retryable=True)``.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
@@ -262,11 +299,11 @@ class Fetcher(abc.ABC):
 
     # -- redirects
 
-    def _open(self, url: str, headers: Mapping[str, str]) -> Response:
+    def _open(self, url: str, headers: Mapping[str, str], budget: Budget) -> Response:
         """GET ``url``, following at most ``max_redirects`` redirects under :func:`check_redirect`."""
         first = url
         for hop in range(self.max_redirects + 1):
-            response = self._fetch(url, headers)
+            response = self._fetch(url, headers, budget)
             if response.status not in REDIRECT_STATUSES:
                 return response
             location = response.header("location")
@@ -286,33 +323,42 @@ class Fetcher(abc.ABC):
 
         ``etag`` is the one saved with the cached envelope (None = no cache, no ``If-None-Match``).
         A body over ``MAX_ENVELOPE_BYTES`` is ``manifest.TooLarge``; a 304 to an unconditional
-        request is ``FetchFailed`` (there is nothing cached to fall back on).
+        request is ``FetchFailed`` (there is nothing cached to fall back on), as is a fetch that
+        is not complete within ``fetch_timeout``.
         """
         headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if etag:
             headers["If-None-Match"] = etag
-        with self._open(url, headers) as response:
-            if response.status == 304:
-                if not etag:
-                    raise FetchFailed(f"GET {redact(url)}: HTTP 304 but no cached manifest was offered")
-                return 304, b"", response.header("etag") or etag
-            if response.status != 200:
-                raise _status_error(url, response.status)
-            body = self._read_capped(url, response, manifest.MAX_ENVELOPE_BYTES)
-            return 200, body, response.header("etag")
+        budget = Budget.lasting(
+            self.fetch_timeout, idle=self.read_timeout, connect=self.connect_timeout, clock=self._clock
+        )
+        try:
+            with self._open(url, headers, budget) as response:
+                if response.status == 304:
+                    if not etag:
+                        raise FetchFailed(f"GET {redact(url)}: HTTP 304 but no cached manifest was offered")
+                    return 304, b"", response.header("etag") or etag
+                if response.status != 200:
+                    raise _status_error(url, response.status)
+                body = self._read_capped(url, response, manifest.MAX_ENVELOPE_BYTES)
+                return 200, body, response.header("etag")
+        except DeadlineExceeded:
+            raise FetchFailed(
+                f"GET {redact(url)}: not complete within UPDATE_FETCH_TIMEOUT ({self.fetch_timeout:g}s)",
+                retryable=True,
+            ) from None
+        except IdleTimeout as exc:
+            raise FetchFailed(f"GET {redact(url)}: {exc}", retryable=True) from None
 
     def _read_capped(self, url: str, response: Response, cap: int) -> bytes:
         declared = response.content_length()
         if declared is not None and declared > cap:
             raise manifest.TooLarge(f"{redact(url)} announces {declared} bytes, the limit is {cap}")
-        deadline = time.monotonic() + self.manifest_deadline
         body = bytearray()
         for chunk in response.chunks:
             body += chunk
             if len(body) > cap:  # stop reading: one chunk past the cap is all we ever hold
                 raise manifest.TooLarge(f"{redact(url)} sent more than {cap} bytes")
-            if time.monotonic() > deadline:
-                raise FetchFailed(f"GET {redact(url)}: not complete after {self.manifest_deadline:.0f}s")
         return bytes(body)
 
     # -- binaries
@@ -334,23 +380,39 @@ class Fetcher(abc.ABC):
         else:
             dest.flush()
             fd = dest.fileno()
+        budget = Budget.lasting(
+            self.download_timeout, idle=self.stall_timeout, connect=self.connect_timeout, clock=self._clock
+        )
         progress = _Progress(resume_from, PipelinedHasher())
         try:
-            return self._download(url, fd, size, sha256, progress)
+            return self._download(url, fd, size, sha256, progress, budget)
+        except DeadlineExceeded:
+            raise DownloadTimeout(
+                f"{redact(url)}: not complete within UPDATE_DOWNLOAD_TIMEOUT ({self.download_timeout:g}s); "
+                f"got {progress.offset} of {size} bytes"
+            ) from None
         finally:
             progress.hasher.close()
 
-    def _download(self, url: str, fd: int, size: int, sha256: str, progress: _Progress) -> DownloadResult:
+    def _download(
+        self, url: str, fd: int, size: int, sha256: str, progress: _Progress, budget: Budget
+    ) -> DownloadResult:
         self._hash_existing(fd, progress)
         attempts = stalls = 0
         while progress.offset < size:
             if attempts:
-                self._sleep(self.retry_delay * 2 ** min(stalls, 4))
+                delay = self.retry_delay * 2 ** min(stalls, 4)
+                if delay >= budget.left():
+                    raise budget.exceeded()  # no wait may outlast the deadline
+                self._sleep(delay)
             attempts += 1
             before = progress.received
             error: DownloadError
             try:
-                self._transfer(url, fd, size, progress)
+                self._transfer(url, fd, size, progress, budget)
+            except IdleTimeout as exc:
+                where = f"{redact(url)}: {exc} (after {progress.offset} of {size} bytes)"
+                error = FetchFailed(where, retryable=True) if exc.phase == "connect" else Stalled(where)
             except FetchFailed as exc:
                 if not exc.retryable:
                     raise
@@ -361,7 +423,7 @@ class Fetcher(abc.ABC):
                 error = Truncated(f"{redact(url)}: got {progress.offset} of {size} bytes")
             stalls = 0 if progress.received > before else stalls + 1
             if stalls > self.retries or attempts >= MAX_ATTEMPTS:
-                if isinstance(error, FetchFailed) and progress.offset:
+                if type(error) is FetchFailed and progress.offset:
                     raise Truncated(f"{error.message} (after {progress.offset} of {size} bytes)") from error
                 raise error
             log.warning("download interrupted (%s); resuming at byte %d", error.message, progress.offset)
@@ -382,12 +444,12 @@ class Fetcher(abc.ABC):
             progress.hasher.update(data)
             done += len(data)
 
-    def _transfer(self, url: str, fd: int, size: int, progress: _Progress) -> None:
+    def _transfer(self, url: str, fd: int, size: int, progress: _Progress, budget: Budget) -> None:
         """One request: from ``progress.offset`` (with ``Range``) to the end of the body."""
         headers = {"Accept-Encoding": "identity"}
         if progress.offset:
             headers["Range"] = f"bytes={progress.offset}-"
-        with self._open(url, headers) as response:
+        with self._open(url, headers, budget) as response:
             if response.status == 206 and progress.offset:
                 self._check_content_range(url, response, size, progress.offset)
             elif response.status == 200:
@@ -438,49 +500,59 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 class HttpFetcher(Fetcher):
-    """requests-based transport: connect timeout 10 s, read timeout 30 s, no automatic redirects."""
+    """The standard-library transport (:mod:`agent.transport`): keep-alive, TLS, proxies, budgets."""
 
-    def __init__(
-        self,
-        *,
-        connect_timeout: float = CONNECT_TIMEOUT,
-        read_timeout: float = READ_TIMEOUT,
-        session: requests.Session | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, client: transport.Client | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.timeout = (connect_timeout, read_timeout)
-        self._session = session or requests.Session()
-        self._session.headers["User-Agent"] = f"avika-agent/{buildinfo.VERSION}"
+        self._client = client or transport.Client(user_agent=f"avika-agent/{buildinfo.VERSION}")
 
-    def _fetch(self, url: str, headers: Mapping[str, str]) -> Response:
+    def _fetch(self, url: str, headers: Mapping[str, str], budget: Budget) -> Response:
         try:
-            response = self._session.get(
-                url, headers=dict(headers), stream=True, allow_redirects=False, timeout=self.timeout
-            )
-        except requests.RequestException as exc:
-            raise FetchFailed(f"GET {redact(url)}: {_describe(exc)}", retryable=True) from None
+            response = self._client.request("GET", url, headers=headers, budget=budget)
+        except Timeout:
+            raise
+        except ValueError as exc:  # a URL or proxy setting it cannot use: retrying cannot help
+            raise FetchFailed(f"GET {redact(url)}: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise FetchFailed(f"GET {redact(url)}: {transport.describe(exc)}", retryable=True) from None
         return Response(
-            status=response.status_code,
+            status=response.status,
             headers=response.headers,
             chunks=_chunks(response, url, self.chunk_size),
             close=response.close,
         )
 
     def close(self) -> None:
-        self._session.close()
+        self._client.close()
 
 
-def _chunks(response: requests.Response, url: str, chunk_size: int) -> Iterator[bytes]:
-    try:
-        for chunk in response.iter_content(chunk_size):
-            if chunk:
-                yield chunk
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise FetchFailed(f"GET {redact(url)}: connection lost: {_describe(exc)}", retryable=True) from None
+def _chunks(response: transport.Response, url: str, chunk_size: int) -> Iterator[bytes]:
+    """The body in pieces of ``chunk_size`` (fewer writes and hand-offs to the hashing thread).
 
-
-def _describe(exc: BaseException) -> str:
-    """A bounded one-line reason: requests nests urllib3 errors into long messages."""
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "..."
+    Each receive is bounded by the budget, whatever the piece size. When the connection breaks,
+    the bytes received since the last piece are handed over first, then the error is raised, so
+    a resume starts exactly where the bytes stopped.
+    """
+    parts: list[bytes] = []
+    held = 0
+    while True:
+        try:
+            data = response.read1(chunk_size - held)
+        except Timeout:
+            if parts:
+                yield b"".join(parts)
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            if parts:
+                yield b"".join(parts)
+            raise FetchFailed(
+                f"GET {redact(url)}: connection lost: {transport.describe(exc)}", retryable=True
+            ) from None
+        if data:
+            parts.append(data)
+            held += len(data)
+        if parts and (not data or held >= chunk_size):
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+            parts, held = [], 0
+        if not data:
+            return

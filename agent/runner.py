@@ -46,7 +46,8 @@ from agent import buildinfo, check, environment, install, lifecycle, restart
 from agent.config import AgentConfig, resolve_agent_id
 from agent.decide import NONE, REPORT, UPDATE, Decision
 from agent.events import EventSink, Origin
-from agent.fetch import DownloadError, HttpFetcher
+from agent.fetch import DownloadError
+from agent.heartbeat import Heartbeat
 from agent.manifest import ManifestError
 from agent.reports import sink_for
 from agent.state import AgentState, LockBusy, load_state, update_lock
@@ -177,7 +178,7 @@ def apply_locked(
     """The transaction under the single-update lock. ``LockBusy`` / ``UpdateInProgress`` if busy."""
     assert result.manifest is not None and result.platform is not None
     with update_lock(config.state_dir):
-        fetcher = HttpFetcher()
+        fetcher = check.make_fetcher(config)  # with UPDATE_FETCH_TIMEOUT / UPDATE_DOWNLOAD_TIMEOUT
         try:
             return lifecycle.apply_update(
                 config,
@@ -251,6 +252,9 @@ class Runner:
         # A delivered report may be what a commit waits for: it wakes the loop.
         self.wake = threading.Event()
         self.sink = sink or make_sink(config, self.mode, on_delivery=self.wake.set)
+        # Liveness (DESIGN section 5): a heartbeat after UPDATE_HEARTBEAT_INTERVAL of silence.
+        self.heartbeat = Heartbeat(self.sink, config.heartbeat_interval)
+        self.heartbeat.last_result = "disabled" if config.updates_disabled else None
         self.watch: lifecycle.Watch | None = None
         self.stopping = False
         self.reexec = False
@@ -348,6 +352,7 @@ class Runner:
             if self.watch is not None:
                 commit_due = self.watch.started + config.health_window - now
                 timeout = min(timeout, max(commit_due, 0.05) if commit_due > 0 else 1.0)
+            timeout = min(timeout, self.heartbeat.tick())  # sends one if due (agent/heartbeat.py)
             self._sleep(timeout)
 
     def _sleep(self, seconds: float) -> None:
@@ -411,6 +416,7 @@ class Runner:
             code = getattr(exc, "code", None) or "io_error"
             message = getattr(exc, "message", None) or str(exc)
             log.warning("check failed: %s: %s", code, message)
+            self.heartbeat.last_result = code
             if code != self._last_check_error:  # report a change, not every interval of an outage
                 self.sink.emit(
                     lifecycle.State.FAILED.value,
@@ -422,6 +428,7 @@ class Runner:
             self._last_check_error = code
             return
         self._last_check_error = None
+        self.heartbeat.last_result = result.decision.reason
         if self.watch is not None:
             self.watch.fetched = True
         if result.manifest is None:

@@ -113,7 +113,7 @@ for _path in (str(ROOT / "bench"), str(ROOT)):
 
 from results import Report, append, command_line, machine  # noqa: E402
 
-from agent.reports import LOG_FILE, META_FILE, REPORTS_DIR, scan  # noqa: E402
+from agent.report_queue import LOG_FILE, META_FILE, REPORTS_DIR, scan  # noqa: E402
 from infra.reports.auth import make_token  # noqa: E402
 from infra.reports.store import ReportStore  # noqa: E402
 from publisher.release import ReleaseSpec, release  # noqa: E402

@@ -7,7 +7,7 @@ mode ``container``, platform ``kubernetes``. Events carry the fields an agent's 
 (:func:`infra.reports.validation.validate_event`) before they are queued: an event the endpoint
 would refuse is our bug, logged loudly and never queued.
 
-Delivery is the agent's (:mod:`agent.reports`): a durable queue per agent id under
+Delivery is the agent's (:mod:`agent.report_queue`, :mod:`agent.reports`): a durable queue per agent id under
 ``AVIKA_STATE_DIR/reports/`` (a report token is an HMAC of one agent id, so a batch carries one id
 only), sent in order, 400s narrowed down, back-off on 5xx/429/network errors, the token never
 over plain http except to loopback. A background thread sends; :meth:`WorkloadReporter.flush`
@@ -28,7 +28,8 @@ from typing import Any
 
 from agent.events import clean_error
 from agent.manifest import format_time
-from agent.reports import Backoff, Poster, ReportQueue, clean_text, send_pending
+from agent.report_queue import ReportQueue
+from agent.reports import Backoff, Poster, clean_text, send_pending
 from controller.config import ReportTokens
 from infra.reports.validation import STATES, ValidationError, validate_event
 

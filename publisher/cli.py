@@ -19,11 +19,13 @@ from typing import Any
 import click
 
 from agent.config import parse_duration
-from agent.manifest import Manifest, ManifestError, Signer, format_time
+from agent.manifest import Manifest, ManifestError, Signer, format_time, parse_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
 from publisher import fleet_text
+from publisher import plan as planning
+from publisher import progress as progressing
 from publisher import release as publishing
 from publisher import resign as resigning
 from publisher.archive import read_store
@@ -131,6 +133,7 @@ def _summary(manifest: Manifest) -> list[str]:
         f"released_at  {format_time(manifest.released_at)}",
         f"expires      {format_time(manifest.expires)} ({expiry})",
         f"rollout      {manifest.rollout.percent}% (salt {manifest.rollout.salt!r})",
+        f"plan         {planning.describe_plan(manifest.rollout_plan) if manifest.rollout_plan else '-'}",
         f"min_version  {manifest.min_version or '-'}",
         f"downgrade    {'yes' if manifest.downgrade else 'no'}",
         f"image        {manifest.container_image or '-'}",
@@ -254,7 +257,7 @@ def keygen(out: Path, as_json: bool) -> None:
     default=100,
     show_default=True,
     metavar="PERCENT",
-    help="Share of agents in the first wave.",
+    help="Share of agents in the first wave (with --plan: its first step).",
 )
 @click.option(
     "--rollout-salt", metavar="S", help="Wave salt (default: the version, so each release picks anew)."
@@ -278,8 +281,41 @@ def keygen(out: Path, as_json: bool) -> None:
 @click.option(
     "--init", is_flag=True, help="The store is new: allow the first release into it (else refused)."
 )
+@click.option(
+    "--plan",
+    "plan_steps",
+    metavar="STEPS",
+    help="Roll out by itself through these percents, e.g. 1,10,50,100 (the first is the starting "
+    "percent; `avika-publish progress` takes the next step when the current one has soaked and is healthy).",
+)
+@click.option(
+    "--soak",
+    default=planning.DEFAULT_SOAK,
+    show_default=True,
+    metavar="DURATION",
+    help="With --plan: how long each step runs before the next (30m, 2h, 1d).",
+)
+@click.option(
+    "--max-failure-rate",
+    "plan_max_failure_rate",
+    default=planning.DEFAULT_MAX_FAILURE_RATE,
+    show_default=True,
+    metavar="R",
+    help="With --plan: above this share of failed or rolled-back attempts, progress halts the release.",
+)
+@click.option(
+    "--min-agents",
+    "plan_min_agents",
+    type=int,
+    default=planning.DEFAULT_MIN_AGENTS,
+    show_default=True,
+    metavar="N",
+    help="With --plan: ended attempts needed to advance (at most 90 % of the agents in the wave).",
+)
 @resign_options
+@click.pass_context
 def release(
+    ctx: click.Context,
     version: str,
     binaries: dict[str, Path],
     image: str | None,
@@ -295,18 +331,29 @@ def release(
     force: bool,
     drop_platforms: tuple[str, ...],
     init: bool,
+    plan_steps: str | None,
+    soak: str,
+    plan_max_failure_rate: str,
+    plan_min_agents: int,
     public_keys: list,
     dry_run: bool,
     as_json: bool,
     **signing: Any,
 ) -> None:
-    """Publish VERSION: upload binaries, sign the manifest, make it live."""
+    """Publish VERSION: upload binaries, sign the manifest, make it live.
+
+    With --plan the release rolls itself out: `avika-publish progress`, run on a schedule, takes
+    the next step when the current one has soaked and enough agents are healthy, and halts the
+    release when the failure rate passes --max-failure-rate."""
     if not binaries:
         raise click.UsageError("at least one --binary PLATFORM=PATH is required")
     if changelog and changelog_file:
         raise click.UsageError("give --changelog or --changelog-file, not both")
     if changelog_file:
         changelog = changelog_file.read_text(encoding="utf-8")
+    rollout_plan, rollout_percent = _release_plan(
+        ctx, plan_steps, soak, plan_max_failure_rate, plan_min_agents, rollout_percent
+    )
     spec = publishing.ReleaseSpec(
         version=version,
         binaries=binaries,
@@ -322,6 +369,7 @@ def release(
         force=force,
         drop_platforms=frozenset(drop_platforms),
         init=init,
+        rollout_plan=rollout_plan,
     )
     store, signers, invalidate = _publishing(dry_run, **signing)
     outcome = publishing.release(
@@ -334,6 +382,41 @@ def release(
         invalidate=invalidate,
     )
     _print_outcome(outcome, as_json)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
+
+
+def _release_plan(
+    ctx: click.Context, steps: str | None, soak: str, max_failure_rate: str, min_agents: int, percent: int
+) -> tuple[Any, int]:
+    """(the rollout plan or None, the starting percent): ``--plan`` sets the percent; ``--rollout``
+    may repeat the first step, never contradict it; the plan's thresholds need ``--plan``."""
+    if steps is None:
+        extra = [
+            f"--{name.replace('_', '-')}"
+            for name, param in (
+                ("soak", "soak"),
+                ("max_failure_rate", "plan_max_failure_rate"),
+                ("min_agents", "plan_min_agents"),
+            )
+            if _given(ctx, param)
+        ]
+        if extra:
+            raise click.UsageError(f"{', '.join(extra)} set a rollout plan's thresholds: give --plan too")
+        return None, percent
+    try:
+        plan = planning.plan_from_options(steps, soak, max_failure_rate, min_agents)
+    except PublishError as exc:
+        raise click.UsageError(exc.message) from None
+    if _given(ctx, "rollout_percent") and percent != plan.steps[0]:
+        raise click.UsageError(
+            f"--rollout {percent} disagrees with --plan {steps}: the plan's first step is the starting "
+            f"percent ({plan.steps[0]}); drop --rollout or make it {plan.steps[0]}"
+        )
+    return plan, plan.steps[0]
 
 
 def _resign(
@@ -465,14 +548,25 @@ def history(
 @source_options
 @json_option
 def show(store: str, url: str | None, endpoint_url: str | None, as_json: bool) -> None:
-    """Print the live manifest (decoded without checking signatures; use verify for that)."""
+    """Print the live manifest (decoded without checking signatures; use verify for that).
+
+    A release with a rollout plan also shows the current step and when the next one is due
+    (--json: "plan_status", beside the payload's fields)."""
     reader = open_reader(store, url, endpoint_url=endpoint_url)
     manifest = publishing.show(reader)
+    status = progressing.show_status(reader, manifest)
     if as_json:
-        _print_json(manifest.to_dict())
+        shown = manifest.to_dict()
+        if status is not None:
+            shown["plan_status"] = status  # not a payload field: where the plan stands (DESIGN section 6)
+        _print_json(shown)
         return
     click.echo(f"{reader.location}/manifest.json (unverified: signatures not checked; use verify)")
-    for line in _summary(manifest):
+    lines = _summary(manifest)
+    if status is not None:
+        at = next(i for i, line in enumerate(lines) if line.startswith("plan ")) + 1
+        lines[at:at] = planning.format_status(status)
+    for line in lines:
         click.echo(line)
 
 
@@ -672,6 +766,68 @@ def canary(
     if refused is not None:
         raise refused
     raise click.exceptions.Exit(report.exit_code)
+
+
+def _now_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@reports_option
+@expires_option
+@resign_options
+@click.option("--now", "now", hidden=True, callback=_now_option, help="Tests: the time it is (RFC 3339).")
+def progress(
+    reports: str | None,
+    expires_in: Any,
+    public_keys: list,
+    dry_run: bool,
+    as_json: bool,
+    now: datetime | None,
+    **signing: Any,
+) -> None:
+    """Take one step of the live release's rollout plan (release --plan); run it on a schedule.
+
+    \b
+    Reads the live, verified release and, when the plan needs them, the agents' reports:
+      no_plan, complete  nothing to do (exit 0)
+      halted             at rollout 0: waits for a person (`rollout N` resumes; exit 0)
+      halted_now         failure rate above the plan's: re-signed at rollout 0 (exit 5)
+      waiting            the step's soak is not over (exit 0; next_at says until when)
+      hold               soak over, too few ended attempts to judge (exit 4)
+      advanced           re-signed at the next step (exit 0)
+    Idempotent: a second run right after signs nothing; of two concurrent runs one advances."""
+    if not dry_run and not (signing["key_files"] or signing["kms_key_ids"]):
+        raise click.UsageError("progress re-signs the manifest: pass --key KEY or --kms-key-id ID")
+    if dry_run and not (signing["key_files"] or signing["kms_key_ids"] or public_keys):
+        raise click.UsageError(
+            "no trusted key: pass --key / --kms-key-id, or --trusted-key KEY with --dry-run"
+        )
+    target, signers, invalidate = _publishing(dry_run, **signing)
+    result = progressing.take_step(
+        target,
+        signers,
+        lambda: fleet_view.open_reports(reports),
+        trusted=public_keys,
+        expires_in=expires_in,
+        now=now,
+        dry_run=dry_run,
+        invalidate=invalidate,
+    )
+    for warning in result.warnings:
+        _warn(warning)
+    for lost in result.lost:
+        _note(lost)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(progressing.format_result(result), nl=False)
+    raise click.exceptions.Exit(result.exit_code)
 
 
 @main.command()

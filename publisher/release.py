@@ -45,6 +45,7 @@ from agent.manifest import (
     ManifestError,
     PublicKey,
     Rollout,
+    RolloutPlan,
     Signer,
     audit_envelope,
     format_time,
@@ -93,6 +94,13 @@ Invalidate = Callable[[list[str]], None]
 # ---------------------------------------------------------------- inputs and results
 
 
+class LostRace(PublishError):
+    """Another publish claimed the serial or replaced ``manifest.json`` first: nothing of ours is
+    live (exit 1; ``progress`` reads the store again instead)."""
+
+    code = "lost_race"
+
+
 @dataclass(frozen=True)
 class ReleaseSpec:
     """What ``avika-publish release`` was asked to publish."""
@@ -111,6 +119,7 @@ class ReleaseSpec:
     force: bool = False
     drop_platforms: frozenset[str] = frozenset()
     init: bool = False  # the store may be new (nothing published there yet)
+    rollout_plan: RolloutPlan | None = None  # ``--plan``: signed as is (``publisher.plan`` checks it)
 
 
 @dataclass(frozen=True)
@@ -313,6 +322,12 @@ def _check_spec(spec: ReleaseSpec) -> tuple[str, str | None]:
         raise Refused(f"--drop-platform {both[0]} and --binary {both[0]}=... contradict each other")
     if spec.reports_url is not None:
         check_reports_url(spec.reports_url)
+    plan = spec.rollout_plan
+    if plan is not None and spec.rollout_percent != plan.steps[0]:
+        raise Refused(
+            f"--rollout {spec.rollout_percent} disagrees with --plan {','.join(map(str, plan.steps))}: "
+            f"the plan's first step is the starting percent ({plan.steps[0]})"
+        )
     if spec.image_digest is not None:
         if not spec.image:
             raise Refused("--image-digest needs --image (the digest pins that image)")
@@ -386,6 +401,7 @@ def _build(
         downgrade=spec.downgrade,
         reports_url=reports_url,
         signed_at=now,
+        rollout_plan=spec.rollout_plan,
     )
     validate(manifest)
     return manifest
@@ -513,7 +529,7 @@ def publish_envelope(
     try:
         store.put_immutable(archived, envelope)
     except AlreadyExists:
-        raise PublishError(
+        raise LostRace(
             f"serial {manifest.serial} was claimed by a concurrent publish ({archived} exists); "
             "nothing was published: re-run"
         ) from None
@@ -524,7 +540,7 @@ def publish_envelope(
     try:
         store.put_mutable(MANIFEST_KEY, envelope, if_match=live_token)
     except Conflict:
-        raise PublishError(
+        raise LostRace(
             f"{MANIFEST_KEY} changed while serial {manifest.serial} was being published (a concurrent "
             f"publish?); {archived} is archived but not live: re-run"
         ) from None

@@ -36,6 +36,11 @@ Faults (:class:`Fault`), each what a broken or hostile CDN really does on the wi
 - ``MIX_AND_MATCH`` (``source`` = another upstream path, or ``body``): the request is answered
   with another object's bytes (another release's binary), the manifest being served normally.
 - ``CORRUPT`` (``offset``, default 0): the upstream's response with one body byte flipped.
+- ``DRIP`` (``after``, default 0; ``every`` seconds, default 0.2; ``step`` bytes, default 1; ``head``,
+  default False): ``after`` body bytes at once, then ``step`` bytes every ``every`` seconds, so a
+  client that only times out idle reads never times out; with ``head`` the status line and headers
+  drip too. It ends when the body is sent, the client hangs up (``Record.client_gone``), the proxy
+  closes, or after :data:`MAX_STALL` seconds (then the connection is closed).
 
 Every request is recorded (:class:`Record`: method, path, headers, the fault applied, the status
 sent and the body bytes written), so a test asserts what the client asked for and what it got.
@@ -80,6 +85,7 @@ class Fault(enum.Enum):
     REPLAY = "replay"
     MIX_AND_MATCH = "mix_and_match"
     CORRUPT = "corrupt"
+    DRIP = "drip"
 
 
 _OPTIONS: dict[Fault, frozenset[str]] = {
@@ -92,6 +98,7 @@ _OPTIONS: dict[Fault, frozenset[str]] = {
     Fault.REPLAY: frozenset({"body", "index"}),
     Fault.MIX_AND_MATCH: frozenset({"source", "body"}),
     Fault.CORRUPT: frozenset({"offset"}),
+    Fault.DRIP: frozenset({"after", "every", "step", "head"}),
 }
 
 
@@ -123,6 +130,7 @@ class Record:
     fault: str | None = None  # Fault value, None when forwarded untouched
     status: int | None = None  # None: no status line was sent (reset before the response)
     body_bytes: int = 0
+    client_gone: bool = False  # a write failed: the client hung up while we were still sending
     done: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
@@ -330,6 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._apply(rule, path, body)
         except OSError:  # the client went away (or we reset it): nothing more to say
+            record.client_gone = rule is None or rule.fault is not Fault.RESET
             self.close_connection = True
         finally:
             record.done.set()
@@ -409,12 +418,22 @@ class _Handler(BaseHTTPRequestHandler):
         elif upstream.header("content-length") is not None:  # HEAD / 304: pass the length through
             headers.append(("Content-Length", upstream.header("content-length") or "0"))
         self._rec.status = upstream.status
-        self.send_response_only(upstream.status, upstream.reason)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.end_headers()
+        started = time.monotonic()
+        if fault is Fault.DRIP and opts.get("head"):
+            head = f"HTTP/1.1 {upstream.status} {upstream.reason}\r\n"
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+            if not self._drip(head.encode("latin-1"), opts, started, count=False):
+                self.close_connection = True
+                return
+        else:
+            self.send_response_only(upstream.status, upstream.reason)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
         if not has_body:
             return
+        if fault is Fault.DRIP:
+            return self._drip_body(upstream, opts, started)
         limit = None
         if fault in (Fault.TRUNCATE, Fault.RESET, Fault.STALL):
             limit = int(opts.get("after") or 0)
@@ -439,6 +458,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif fault in (Fault.TRUNCATE, Fault.LIE_LENGTH):
             self.close_connection = True
+
+    def _drip_body(self, upstream: _Upstream, opts: dict[str, Any], started: float) -> None:
+        quick = int(opts.get("after") or 0)
+        for chunk in upstream.chunks():
+            now, chunk = chunk[:quick], chunk[quick:]
+            quick -= len(now)
+            self._write(now)
+            if chunk and not self._drip(chunk, opts, started):
+                break
+        self.close_connection = True
+
+    def _drip(self, data: bytes, opts: dict[str, Any], started: float, count: bool = True) -> bool:
+        """``data`` in pieces of ``step`` bytes, ``every`` seconds apart; False once MAX_STALL is spent."""
+        step, every = max(1, int(opts.get("step", 1))), float(opts.get("every", 0.2))
+        proxy = self.server.proxy
+        for at in range(0, len(data), step):
+            piece = data[at : at + step]
+            if count:
+                self._write(piece)
+            else:
+                self.wfile.write(piece)
+            if proxy._stop.wait(every) or time.monotonic() - started > MAX_STALL:
+                return False
+        return True
 
     # ------------------------------------------------------------ wire helpers
 

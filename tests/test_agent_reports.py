@@ -1,4 +1,4 @@
-"""The agent's durable report queue and sender (agent/reports.py, DESIGN section 5, agent side).
+"""The agent's durable report queue and sender (agent/report_queue.py, agent/reports.py; DESIGN 5).
 
 Rules enforced here:
 - an event is in the fsync'd log before ``emit`` returns, hence before any POST carries it;
@@ -6,8 +6,9 @@ Rules enforced here:
   in the middle is skipped, the records after it kept; real SIGKILLs of a sending agent lose and
   duplicate nothing: every appended event reaches the store exactly once, seqs 1..N without reuse;
 - a restart continues the same stream and seq and resends exactly the unacknowledged events;
-- a full queue drops heartbeat events first (oldest first), then check failures, never lifecycle
-  events, and the next event carries the count (``dropped``);
+- a full queue drops heartbeats first, then ``checking`` / ``update_available`` (oldest first), then
+  check failures, never lifecycle events, and the next event carries the count (``dropped``); a new
+  heartbeat replaces an unsent older one (tests/test_heartbeats.py);
 - batches of at most 100 in order; 2xx acknowledges; 400 is narrowed to the bad event, which
   alone is dropped; 413 splits; 5xx, 429, 401, 403, 404, 405, 411 and network errors keep the events
   and back off exponentially with jitter; the token never goes to a non-loopback plain-http URL;
@@ -37,23 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
-from agent import events, runner
+from agent import events, runner, transport
 from agent.config import AgentConfig
 from agent.events import LogSink, Origin, RecordingSink
-from agent.reports import (
-    LOG_FILE,
-    REPORTS_DIR,
-    Backoff,
-    Poster,
-    QueueSink,
-    ReportQueue,
-    encode_event,
-    encode_frame,
-    scan,
-    token_allowed,
-)
+from agent.report_queue import LOG_FILE, REPORTS_DIR, ReportQueue, encode_event, encode_frame, scan
+from agent.reports import Backoff, Poster, QueueSink, token_allowed
 from agent.state import CACHED_ENVELOPE
 from infra.reports import validation
 from infra.reports.auth import make_token
@@ -121,22 +111,22 @@ def endpoint(tmp_path: Path) -> Iterator[Endpoint]:
         server.reports.store.close()  # type: ignore[union-attr]
 
 
-class RecordingSession(requests.Session):
-    """A real session that remembers each POST: (status or exception, events, Authorization, time)."""
+class RecordingClient(transport.Client):
+    """The real client, remembering each POST: (status or exception, events, Authorization, time)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(proxies={})
         self.calls: list[tuple[int | str, list[dict[str, Any]], str, float]] = []
 
-    def post(self, url: Any, data: Any = None, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        events = json.loads(data)["events"]
+    def request(self, method: str, url: str, **kwargs: Any) -> transport.Response:
+        events = json.loads(kwargs["body"])["events"]
         auth = kwargs["headers"]["Authorization"]
         try:
-            response = super().post(url, data=data, **kwargs)
-        except requests.RequestException as exc:
+            response = super().request(method, url, **kwargs)
+        except OSError as exc:
             self.calls.append((type(exc).__name__, events, auth, time.monotonic()))
             raise
-        self.calls.append((response.status_code, events, auth, time.monotonic()))
+        self.calls.append((response.status, events, auth, time.monotonic()))
         return response
 
     @property
@@ -240,7 +230,7 @@ def test_a_damaged_record_in_the_middle_is_skipped_and_the_rest_kept(
     damaged = bytearray(data)
     damaged[second.offset + 40] ^= 0x01  # a flipped bit in the payload: the CRC no longer matches
     (src / LOG_FILE).write_bytes(bytes(damaged))
-    with caplog.at_level(logging.ERROR, "agent.reports"):
+    with caplog.at_level(logging.ERROR, "agent.report_queue"):
         queue = ReportQueue(src)
     assert [e["seq"] for e in queue.pending()] == [1, 3, 4, 5]
     assert "damaged" in caplog.text
@@ -322,14 +312,14 @@ def test_a_restart_continues_the_stream_and_resends_only_unacknowledged_events(
     stream = first.queue.stream  # type: ignore[union-attr]
     assert STREAM_RE.fullmatch(stream)
 
-    session = RecordingSession()
-    second = make_sink(tmp_path, endpoint.url, origin=origin(version="0.1.44"), session=session)  # after exec
+    client = RecordingClient()
+    second = make_sink(tmp_path, endpoint.url, origin=origin(version="0.1.44"), client=client)  # after exec
     assert second.queue.stream == stream  # type: ignore[union-attr]
     assert [e["event_id"] for e in queued(tmp_path)] == [e["event_id"] for e in waiting]
     last = emit(second, "committed")
     assert (last["stream"], last["seq"]) == (stream, 6)
     assert second.flush(5) and second.delivered == 3
-    assert [len(events) for _, events, _, _ in session.calls] == [3]  # only the unacknowledged went out
+    assert [len(events) for _, events, _, _ in client.calls] == [3]  # only the unacknowledged went out
     stored = endpoint.events()
     assert sorted(e["seq"] for e in stored) == [1, 2, 3, 4, 5, 6]
     assert {e["event_id"] for e in stored} == {e["event_id"] for e in [*sent, *waiting, last]}
@@ -338,19 +328,19 @@ def test_a_restart_continues_the_stream_and_resends_only_unacknowledged_events(
 # ---------------------------------------------------------------- the bound
 
 
-def test_a_full_queue_drops_heartbeats_oldest_first_never_lifecycle_and_counts_them(
+def test_a_full_queue_drops_routine_events_oldest_first_never_lifecycle_and_counts_them(
     tmp_path: Path, endpoint: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
     sink = make_sink(tmp_path, endpoint.url, max_events=10)  # drops down to 9 when it overflows
-    heartbeats = [emit(sink, ("checking", "update_available")[i % 2]) for i in range(6)]
+    routine = [emit(sink, ("checking", "update_available")[i % 2]) for i in range(6)]
     lifecycle = [emit(sink, "downloading") for _ in range(4)]
     assert sink.pending() == 10
     fifth = emit(sink, "verifying")
-    assert fifth["dropped"] == 2  # the two oldest heartbeats made room
+    assert fifth["dropped"] == 2  # the two oldest routine events made room
     ids = [e["event_id"] for e in queued(tmp_path)]
-    assert ids == [e["event_id"] for e in [*heartbeats[2:], *lifecycle, fifth]]
-    with caplog.at_level(logging.ERROR, "agent.reports"):
-        more = [emit(sink, "staged") for _ in range(8)]  # heartbeats go, then the queue grows
+    assert ids == [e["event_id"] for e in [*routine[2:], *lifecycle, fifth]]
+    with caplog.at_level(logging.ERROR, "agent.report_queue"):
+        more = [emit(sink, "staged") for _ in range(8)]  # routine events go, then the queue grows
     assert [e.get("dropped") for e in more] == [None, 2, None, 2, None, None, None, None]
     assert "over its bound" in caplog.text
     states = [e["state"] for e in queued(tmp_path)]
@@ -373,7 +363,7 @@ def _raw_event(state: str, **kw: Any) -> dict[str, Any]:
     return {**event, "mode": "vm", "platform": "x", "state": state, "target_version": None, **kw}
 
 
-def test_check_failures_are_dropped_after_heartbeats_and_before_any_attempt_event(tmp_path: Path) -> None:
+def test_check_failures_are_dropped_after_routine_events_and_before_any_attempt_event(tmp_path: Path) -> None:
     queue = ReportQueue(tmp_path, max_events=5)  # drops down to 4
     check_failure = queue.append(_raw_event("failed", failed_state="checking", error="fetch_failed: x"))
     h1, h2 = (queue.append(_raw_event("checking")) for _ in range(2))
@@ -394,7 +384,7 @@ def test_check_failures_are_dropped_after_heartbeats_and_before_any_attempt_even
     assert queue.dropped_total == 3 and h1 and h2
 
 
-def test_the_byte_bound_drops_heartbeats_too(tmp_path: Path) -> None:
+def test_the_byte_bound_drops_routine_events_too(tmp_path: Path) -> None:
     probe = ReportQueue(tmp_path / "probe")
     probe.append(_raw_event("checking", error="z" * 200))
     record = probe.size()
@@ -413,14 +403,14 @@ def test_the_byte_bound_drops_heartbeats_too(tmp_path: Path) -> None:
 
 
 def test_batches_of_100_in_order_are_acknowledged_and_stored_once(tmp_path: Path, endpoint: Endpoint) -> None:
-    session = RecordingSession()
-    sink = make_sink(tmp_path, endpoint.url, session=session)
+    client = RecordingClient()
+    sink = make_sink(tmp_path, endpoint.url, client=client)
     events = [emit(sink, "checking" if i % 2 else "downloading") for i in range(250)]
     assert sink.flush(20) and sink.delivered == 250 and sink.pending() == 0
-    assert session.shape == [(202, 100), (202, 100), (202, 50)]
-    sent = [e["seq"] for _, batch, _, _ in session.calls for e in batch]
+    assert client.shape == [(202, 100), (202, 100), (202, 50)]
+    sent = [e["seq"] for _, batch, _, _ in client.calls for e in batch]
     assert sent == list(range(1, 251))
-    assert all(auth == f"Bearer {TOKEN}" for _, _, auth, _ in session.calls)
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth, _ in client.calls)
     assert sorted(e["event_id"] for e in endpoint.events()) == sorted(e["event_id"] for e in events)
     assert (tmp_path / REPORTS_DIR / LOG_FILE).stat().st_size == 0  # compacted once all acknowledged
 
@@ -428,8 +418,8 @@ def test_batches_of_100_in_order_are_acknowledged_and_stored_once(tmp_path: Path
 def test_a_400_is_narrowed_down_and_only_the_bad_event_dropped(
     tmp_path: Path, endpoint: Endpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    session = RecordingSession()
-    sink = make_sink(tmp_path, endpoint.url, session=session)
+    client = RecordingClient()
+    sink = make_sink(tmp_path, endpoint.url, client=client)
     good = [emit(sink) for _ in range(2)]
     bad = emit(sink)
     assert sink.queue is not None
@@ -443,21 +433,21 @@ def test_a_400_is_narrowed_down_and_only_the_bad_event_dropped(
     good += [emit(sink) for _ in range(2)]
     with caplog.at_level(logging.ERROR, "agent.reports"):
         assert sink.flush(10)
-    assert session.shape == [(400, 5), (202, 1), (202, 1), (400, 1), (202, 1), (202, 1)]
+    assert client.shape == [(400, 5), (202, 1), (202, 1), (400, 1), (202, 1), (202, 1)]
     assert sorted(e["event_id"] for e in endpoint.events()) == sorted(e["event_id"] for e in good)
     assert sink.delivered == 4 and sink.queue.refused_total == 1 and sink.pending() == 0
     assert "refused with 400" in caplog.text and bad["event_id"] in caplog.text
 
 
 def test_a_413_splits_the_batch_until_it_fits(tmp_path: Path, endpoint: Endpoint) -> None:
-    session = RecordingSession()
-    sink = make_sink(tmp_path, endpoint.url, session=session, batch_bytes=10 << 20)
+    client = RecordingClient()
+    sink = make_sink(tmp_path, endpoint.url, client=client, batch_bytes=10 << 20)
     events = [emit(sink, error="x" * 300) for _ in range(100)]
     body = len(json.dumps({"events": queued(tmp_path)}, separators=(",", ":")))
     endpoint.scripted.max_body = body // 3  # a third of the batch fits, a half does not
     assert sink.flush(10)
-    assert session.shape == [(413, 100), (413, 50), (202, 25), (202, 25), (413, 50), (202, 25), (202, 25)]
-    sent = [e["seq"] for status, batch, _, _ in session.calls if status == 202 for e in batch]
+    assert client.shape == [(413, 100), (413, 50), (202, 25), (202, 25), (413, 50), (202, 25), (202, 25)]
+    sent = [e["seq"] for status, batch, _, _ in client.calls if status == 202 for e in batch]
     assert sent == list(range(1, 101))  # still in queue order
     assert sorted(e["event_id"] for e in endpoint.events()) == sorted(e["event_id"] for e in events)
 
@@ -483,13 +473,13 @@ def test_failures_keep_the_events_and_a_later_attempt_delivers_them_once(
 
 
 def test_a_wrong_token_gets_the_real_401_and_keeps_the_events(tmp_path: Path, endpoint: Endpoint) -> None:
-    session = RecordingSession()
+    client = RecordingClient()
     sink = make_sink(
-        tmp_path, endpoint.url, token=make_token("another-fleet-secret-0123456", AGENT), session=session
+        tmp_path, endpoint.url, token=make_token("another-fleet-secret-0123456", AGENT), client=client
     )
     emit(sink)
     assert not sink.flush(5)
-    assert session.shape == [(401, 1)] and sink.pending() == 1
+    assert client.shape == [(401, 1)] and sink.pending() == 1
 
 
 def test_a_network_error_keeps_the_events(tmp_path: Path) -> None:
@@ -517,12 +507,12 @@ def test_backoff_is_exponential_with_jitter_capped_and_honours_retry_after() -> 
 
 def test_the_sender_thread_backs_off_then_delivers(tmp_path: Path, endpoint: Endpoint) -> None:
     endpoint.scripted.script = [(500, {}), (500, {}), (429, {})]
-    session = RecordingSession()
+    client = RecordingClient()
     delivered = threading.Event()
     sink = make_sink(
         tmp_path,
         endpoint.url,
-        session=session,
+        client=client,
         backoff=Backoff(base=0.1, cap=1.0, rng=random.Random(3)),
         on_delivery=delivered.set,
     )
@@ -532,8 +522,8 @@ def test_the_sender_thread_backs_off_then_delivers(tmp_path: Path, endpoint: End
         assert delivered.wait(10)
     finally:
         sink.close()
-    assert [status for status, *_ in session.calls] == [500, 500, 429, 202]
-    times = [t for *_, t in session.calls]
+    assert [status for status, *_ in client.calls] == [500, 500, 429, 202]
+    times = [t for *_, t in client.calls]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # >= half of 0.1 * 2^n
     assert sink.delivered == 1 and len(endpoint.events()) == 1
@@ -570,16 +560,17 @@ def test_the_token_is_never_sent_to_a_non_loopback_http_url(
 
     monkeypatch.setattr(socket, "create_connection", no_connection)
     monkeypatch.setattr(socket.socket, "connect", no_connection)
-    session = requests.Session()
-    monkeypatch.setattr(session, "send", no_connection)
-    sink = make_sink(tmp_path, "http://reports.example.com/v1/reports", session=session)
+    monkeypatch.setattr(socket, "getaddrinfo", no_connection)
+    client = RecordingClient()
+    sink = make_sink(tmp_path, "http://reports.example.com/v1/reports", client=client)
     emit(sink)
     with caplog.at_level(logging.ERROR, "agent.reports"):
         assert not sink.flush(5)
     assert not sink.configured and sink.pending() == 1
     assert "plain http" in caplog.text
-    answer = Poster(TOKEN, session).post("http://10.1.2.3/v1/reports", queued(tmp_path))
+    answer = Poster(TOKEN, client).post("http://10.1.2.3/v1/reports", queued(tmp_path))
     assert answer.status is None and "plain http" in answer.reason
+    assert client.calls == []  # the client was never asked
 
 
 def test_replayed_and_out_of_order_delivery_leaves_the_latest_state_right(

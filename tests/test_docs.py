@@ -444,7 +444,7 @@ def check_nginx(store: dict, http_port: int, https_port: int, crt: Path, env: di
 
     # HTTPS: the same store, and the reports endpoint behind proxy_pass.
     tls = f"https://127.0.0.1:{https_port}"
-    secure = run(agent, {**agent_env, "UPDATE_SERVER": f"{tls}/updates", "REQUESTS_CA_BUNDLE": str(crt)})
+    secure = run(agent, {**agent_env, "UPDATE_SERVER": f"{tls}/updates", "SSL_CERT_FILE": str(crt)})
     assert secure.returncode == 0, secure.stderr
     token = run([publish, "enroll", "web-01.eu-west"], env).stdout.strip()
     event = {

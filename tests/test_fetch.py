@@ -30,6 +30,7 @@ from agent.fetch import (
     Truncated,
     check_redirect,
 )
+from agent.transport import Budget
 from tests.agent_fixtures import LocalServer, sha256
 
 BINARY = os.urandom(700_000)  # several 64 KiB chunks
@@ -218,7 +219,7 @@ class Simulator(Fetcher):
         self.answers = answers
         self.fetched: list[str] = []
 
-    def _fetch(self, url: str, headers: Mapping[str, str]) -> Response:
+    def _fetch(self, url: str, headers: Mapping[str, str], budget: Budget) -> Response:
         self.fetched.append(url)
         return self.answers[url]
 
@@ -431,7 +432,7 @@ def test_pipelined_hasher_digest_covers_exactly_the_bytes_given() -> None:
 
 def test_a_failed_download_leaves_no_hashing_thread_behind(tmp_path: Path) -> None:
     class Fixed(fetch.Fetcher):
-        def _fetch(self, url: str, headers: Mapping[str, str]) -> fetch.Response:
+        def _fetch(self, url: str, headers: Mapping[str, str], budget: Budget) -> fetch.Response:
             return fetch.Response(status=200, headers={"content-length": "8"}, chunks=[b"abcd", b"efgh"])
 
     before = {t.ident for t in threading.enumerate()}

@@ -17,7 +17,12 @@ What must hold (DESIGN sections 4 and 5):
 - a container agent reports one ``update_available`` with the image and ``in_wave``; its target is
   never touched;
 - ``avika-publish fleet --json`` over the same store shows each agent as it ended: the VM committed
-  on the new version, the container on the old one with an update available.
+  on the new version, the container on the old one with an update available;
+- an agent with nothing to report sends a ``heartbeat`` after ``UPDATE_HEARTBEAT_INTERVAL`` of
+  silence (version, mode, platform, ``last_result`` = its last check's reason, ``uptime_s``); the
+  endpoint accepts each one and the agent's ``last_seen`` moves, while the agent itself stays put
+  (no other event, no install attempt, the target untouched). What the endpoint then records
+  beyond ``last_seen`` (no event item, no state change) is the endpoint's own test's business.
 """
 
 from __future__ import annotations
@@ -122,6 +127,26 @@ def reports_site(tmp_path: Path) -> Iterator[ReportsSite]:
         store.close()
         if endpoint is not None:
             endpoint.store.close()
+
+
+class Arrivals:
+    """In front of the real endpoint: every event it was sent, with the status it answered."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.store = real.store
+        self.seen: list[tuple[int, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def handle(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        answer = self.real.handle(method, headers, body)
+        with contextlib.suppress(ValueError, KeyError, TypeError), self._lock:
+            self.seen += [(answer[0], event) for event in json.loads(body)["events"]]
+        return answer
+
+    def events(self, agent_id: str) -> list[tuple[int, dict[str, Any]]]:
+        with self._lock:
+            return [(status, e) for status, e in self.seen if e.get("agent_id") == agent_id]
 
 
 def enrolled_host(site: ReportsSite, tmp_path: Path, **env: str | None) -> Host:
@@ -252,5 +277,49 @@ def test_a_container_agent_reports_update_available_once_and_never_touches_the_t
             assert row["update_available"] is True and row["target_version"] == "1.1.0"
             assert host.target.read_bytes() == old and host.target.stat().st_mtime_ns == before.st_mtime_ns
             assert not host.backup.exists() and host.stray_files() == [] and host.pending() is None
+        finally:
+            host.kill_all()
+
+
+def test_a_quiet_agent_sends_heartbeats_that_reach_the_endpoint_while_it_stays_put(tmp_path):
+    with reports_site(tmp_path) as site:
+        arrivals = Arrivals(site.server.reports)
+        site.server.reports = arrivals  # type: ignore[assignment]
+        host = enrolled_host(site, tmp_path, DEPLOYMENT_MODE="container", UPDATE_HEARTBEAT_INTERVAL="1s")
+        host.env_extra["UPDATE_REPORT_URL"] = site.reports_url
+        keys = keys_of(site.signer)
+        old = host.install("1.0.0", keys)
+        site.release("1.1.0", dev_binary(tmp_path / "rel" / "avika-agent", "1.1.0", keys))
+        me = agent_id(host)
+        host.start()
+        try:
+            first = wait_for(lambda: site.store.agent(me), 30, "the first report")
+            assert first["state"] == "update_available"
+            seen = wait_for(
+                lambda: (
+                    (e := arrivals.events(me)) and sum(x["state"] == "heartbeat" for _, x in e) >= 3 and e
+                ),
+                60,
+                "three heartbeats at the endpoint",
+            )
+            # The endpoint keeps the agent's last_seen moving (its own bookkeeping: any event counts).
+            wait_for(lambda: site.store.agent(me)["last_seen"] > first["last_seen"], 30, "last_seen to move")
+            assert {status for status, _ in seen} == {202}
+            events = [e for _, e in seen]
+            assert [e["state"] for e in events] == ["update_available"] + ["heartbeat"] * (len(events) - 1)
+            beats = events[1:]
+            assert {(e["version"], e["mode"], e["platform"]) for e in beats} == {
+                ("1.0.0", "container", PLATFORM)
+            }
+            assert {(e["target_version"], e["manifest_serial"]) for e in beats} == {(None, None)}
+            assert {e["last_result"] for e in beats} == {"container"}  # the last check's decision reason
+            uptimes = [e["uptime_s"] for e in beats]
+            assert all(isinstance(u, int) for u in uptimes) and uptimes == sorted(uptimes) and uptimes[0] >= 1
+            assert {e["stream"] for e in events} == {events[0]["stream"]}  # one queue, numbered on
+            assert [e["seq"] for e in events] == sorted({e["seq"] for e in events})
+            # The agent stays put: nothing but heartbeats after its one report, no attempt anywhere.
+            assert host.chain("1.1.0") == ["update_available"]
+            assert site.store.version_outcomes("1.1.0") == [] and host.pending() is None
+            assert host.target.read_bytes() == old and not host.backup.exists()
         finally:
             host.kill_all()
