@@ -275,6 +275,7 @@ class DynamoDBStore(ReportStore):
     def _full(item: dict[str, Any]) -> dict[str, Any]:
         raw = _unmarshal(item)
         raw["last_change"] = raw.get("received_at")
+        raw.setdefault("last_result", None)
         return public_record(raw, "last_seen", "last_change")
 
     def _shard_items(

@@ -548,8 +548,7 @@ class SQLiteStore(ReportStore):
     def _full(last_seen: str, last_result: str | None, last_change: str | None, data: str) -> dict[str, Any]:
         raw = json.loads(data)
         raw.update(last_seen=last_seen, last_change=last_change or raw.get("received_at"))
-        if last_result is not None:
-            raw["last_result"] = last_result
+        raw["last_result"] = last_result if last_result is not None else raw.get("last_result")
         return public_record(raw, "last_seen", "last_change")
 
     def agents(self) -> Iterator[dict[str, Any]]:
