@@ -140,7 +140,8 @@ class Act:
         binary.write_bytes(f"avika-agent {version} (stand-in: the cluster runs {image(version)})\n".encode())
         out = self.publish(
             "release", version, "--binary", f"linux-amd64={binary}", "--image", image(version),
-            "--rollout", str(percent), "--reports-url", self.env.reports_url, *self.signing(), "--json",
+            "--init", "--rollout", str(percent), "--reports-url", self.env.reports_url, *self.signing(),
+            "--json",
         )  # fmt: skip
         return int(json.loads(out.stdout)["serial"])
 

@@ -117,7 +117,7 @@ class Stack:
         binary.write_bytes(f"stand-in for avika-agent {version}\n".encode() * 100)
         self.publish(
             "release", version, "--binary", f"linux-amd64={binary}", "--image", image(version),
-            "--rollout", str(percent), "--reports-url", f"{self.url}/v1/reports", *self.signing(),
+            "--init", "--rollout", str(percent), "--reports-url", f"{self.url}/v1/reports", *self.signing(),
         )  # fmt: skip
 
     def events(self) -> list[dict[str, Any]]:
