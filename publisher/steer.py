@@ -4,9 +4,9 @@
   ``publisher.resign.resign`` with ``expect_serial`` (the ``If-Match`` serial), which checks the
   serial on the very read its compare-and-swap of ``manifest.json`` is made against, signs only a
   live release that verifies, and signs nothing at that percent already (``unchanged``). A
-  concurrent publish that wins the race (it claimed the next serial or swapped ``manifest.json``
-  first) is reported as ``SerialMoved`` too: the release the operator saw is being replaced, an
-  HTTP 412, not a retry.
+  concurrent publish that wins the race (it claimed the next serial, swapped ``manifest.json``
+  first, or has archived its serial and not yet swapped) is reported as ``SerialMoved`` too: the
+  store moved past what the operator saw, an HTTP 412, not a retry.
 - ``live_release`` is what every poll shows: ``manifest.json`` (one read), decoded, and whether a
   trusted key signed it; ``history`` (every archived serial, ``publisher.archive``) reads the whole
   archive and is cached by the API.
@@ -31,7 +31,7 @@ from agent.manifest import (
 from publisher import resign as resigning
 from publisher.archive import read_store
 from publisher.errors import PublishError, Refused, VerificationFailed
-from publisher.release import DEFAULT_EXPIRES_IN, Invalidate
+from publisher.release import DEFAULT_EXPIRES_IN, Invalidate, trusted_keys
 from publisher.stores import MANIFEST_KEY, Store
 
 SerialMoved = resigning.SerialMoved
@@ -115,15 +115,13 @@ def steer(
         )
     except (Refused, VerificationFailed, SerialMoved):
         raise
-    except PublishError:
-        # Lost a race to another publish: if the live serial moved, it is the operator's 412.
-        live = _decode(store.read(MANIFEST_KEY))
-        if live is not None and live.serial != expect_serial:
-            raise SerialMoved(
-                f"the live serial is {live.serial} ({live.version}), not {expect_serial}: someone "
-                "published at the same time; look again before acting",
-                live.serial,
-            ) from None
+    except PublishError as exc:
+        # Lost a race to another publish (it claimed the next serial, or its manifests/N.json is
+        # there while its manifest.json is not yet): the store moved past the serial the operator
+        # saw, which is a 412 with the store's own explanation, not a retry.
+        highest = read_store(store, trusted_keys(signers, trusted)).highest_serial
+        if highest > expect_serial:
+            raise SerialMoved(exc.message, highest) from None
         raise
     manifest = outcome.manifest
     before = expect_serial

@@ -458,3 +458,24 @@ def test_the_canary_takes_the_release_plans_thresholds(site: Site) -> None:
     assert (canary["min_agents"], canary["max_failure_rate"]) == (2, 0.25)
     assert canary["verdict"] == "fail"  # 1 of 2 ended rolled back: 50 % > 25 %
     assert json_of(site.call("GET", "/v1/releases?min_agents=5", VIEWER))["canary"]["verdict"] == "hold"
+
+
+def test_a_publish_caught_between_its_archive_and_its_swap_is_412(site: Site) -> None:
+    """Another publish has archived serial 2 but not yet swapped manifest.json: the store moved past
+    what the operator saw, so the action is refused with 412 and the store's own words."""
+    from dataclasses import replace
+
+    from agent.manifest import sign_envelope
+    from publisher.signing import load_key_file
+
+    live = site.live()
+    newer = replace(live, serial=2, rollout=replace(live.rollout, percent=60), raw=b"")
+    (site.root / "manifests" / "2.json").write_bytes(
+        sign_envelope(newer.to_payload(), [load_key_file(site.key.path)])
+    )
+    before = snapshot(site.root)
+    answer = site.call("POST", "/v1/halt", OPS, headers={"If-Match": '"1"'})
+    assert answer.status_code == 412, answer.text
+    problem = json_of(answer)
+    assert problem["live_serial"] == 2 and "manifests/2.json" in problem["message"]
+    assert snapshot(site.root) == before
