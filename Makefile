@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test lint format demo demo-quick agent-binary bench clean
+.PHONY: venv test lint format demo demo-quick agent-binary lambda-zip bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ agent-binary: $(STAMP)
 	@test -n "$(VERSION)" || { echo "usage: make agent-binary VERSION=V OUT=FILE [PUBLIC_KEYS=k1,k2]" >&2; exit 2; }
 	@test -n "$(OUT)" || { echo "usage: make agent-binary VERSION=V OUT=FILE [PUBLIC_KEYS=k1,k2]" >&2; exit 2; }
 	$(BIN)/python packaging/build_agent.py --version "$(VERSION)" --out "$(OUT)" --public-keys "$(PUBLIC_KEYS)"
+
+# The reports + console Lambda's package (handler infra.reports.handler.handler): manylinux wheels of
+# cryptography and packaging for the function's platform, resolved from the package index now (set-up).
+LAMBDA_OUT ?= dist/avika-reports-lambda.zip
+LAMBDA_PLATFORM ?= linux-arm64
+LAMBDA_PYTHON ?= 3.12
+lambda-zip: $(STAMP)
+	$(BIN)/python packaging/build_lambda.py --out "$(LAMBDA_OUT)" --platform "$(LAMBDA_PLATFORM)" --python "$(LAMBDA_PYTHON)"
 
 clean:
 	rm -rf build dist demo-run .pytest_cache .ruff_cache
