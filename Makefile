@@ -13,7 +13,7 @@ COMPAT_TESTS := tests/test_agent_cache.py tests/test_config.py tests/test_decide
 	tests/test_download_writeback.py tests/test_agent_reports.py tests/test_reports_validation.py \
 	tests/test_lifecycle.py tests/test_agent_check_cli.py
 
-.PHONY: venv test lint format demo demo-quick agent-binary agent-binary-args bench clean
+.PHONY: venv test lint format demo demo-quick agent-binary agent-binary-args lambda-zip bench clean
 
 # Set-up (the only step that uses the network): the dev venv, the agent's locked wheels for every
 # platform and Python (into .venv/pex-root, for `make agent-binary`), the compat venvs.
@@ -62,6 +62,14 @@ agent-binary-args:
 	@test -n "$(strip $(PUBLIC_KEYS))" || { echo "make agent-binary: PUBLIC_KEYS is required: the base64 \
 	Ed25519 keys agents running this file trust (comma-separated), or PUBLIC_KEYS=none to build a keyless \
 	file on purpose" >&2; exit 2; }
+
+# The reports + console Lambda's package (handler infra.reports.handler.handler): manylinux wheels of
+# cryptography and packaging for the function's platform, resolved from the package index now (set-up).
+LAMBDA_OUT ?= dist/avika-reports-lambda.zip
+LAMBDA_PLATFORM ?= linux-arm64
+LAMBDA_PYTHON ?= 3.12
+lambda-zip: $(STAMP)
+	$(BIN)/python packaging/build_lambda.py --out "$(LAMBDA_OUT)" --platform "$(LAMBDA_PLATFORM)" --python "$(LAMBDA_PYTHON)"
 
 clean:
 	rm -rf build dist demo-run .pytest_cache .ruff_cache

@@ -2,7 +2,9 @@
 
 1. Import cost of the Lambda entry module (`python -X importtime -c "import infra.reports.handler"`),
    net of the interpreter's own start-up imports, and the deferred cost of boto3 that the first
-   AWS-backed request pays.
+   AWS-backed request pays; what the first operator-API request adds on top (`console_lambda`:
+   the publisher, cryptography, packaging), which the reports route never imports; and whether
+   the reports route's import set holds any of those (it must not).
 2. Events per second through `ReportsEndpoint` into SQLite (bounded: 5,000 events), in 100-event
    batches (the agent's batch size), 20-event batches and single-event posts (one state change
    at a time).
@@ -36,6 +38,8 @@ LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 SECRET = "bench-fleet-secret-0123456789"
 RUNS = 3
 HANDLER = "infra.reports.handler"
+CONSOLE = "infra.reports.console_lambda"
+HEAVY = ("publisher", "cryptography", "packaging", "boto3", "botocore")
 
 
 def import_times(code: str) -> tuple[int, dict[str, int]]:
@@ -102,6 +106,15 @@ def main() -> int:
     baseline, _ = best_of(RUNS, "pass")
     total, top = best_of(RUNS, f"import {HANDLER}")
     boto_total, boto_top = best_of(RUNS, "import boto3")
+    console_total, _ = best_of(RUNS, f"import {HANDLER}, {CONSOLE}")
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {HANDLER}; print(' '.join(sorted(sys.modules)))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY or m == CONSOLE)
     full = events_per_second(5000, 100)
     batched, single = events_per_second(2000, 20), events_per_second(500, 1)
     out(f"Import times: `python -X importtime`, best of {RUNS} runs each.")
@@ -114,6 +127,11 @@ def main() -> int:
             ["net cost of the handler module (the difference)", f"{(total - baseline) / 1000:.1f} ms"],
             ["cumulative time of the handler's own import", f"{top.get(HANDLER, 0) / 1000:.1f} ms"],
             ["import boto3, deferred to the first AWS request", f"{boto_top.get('boto3', 0) / 1000:.1f} ms"],
+            [
+                "first operator-API request adds (console_lambda, publisher, cryptography)",
+                f"{(console_total - total) / 1000:.1f} ms",
+            ],
+            [f"modules the reports route imports: of {', '.join(HEAVY)}", ", ".join(heavy) or "none"],
             ["import boto3: self time of all imports in that run", f"{boto_total / 1000:.1f} ms"],
             ["SQLite core, 5000 events in 100-event batches", f"{full:,.0f} events/s"],
             ["SQLite core, 2000 events in 20-event batches", f"{batched:,.0f} events/s"],

@@ -784,6 +784,54 @@ def _raise_stopped(signum: int, frame: object) -> None:
 MARKER = ".avika-demo"  # only a folder holding it (or the default one) is ever wiped
 
 
+def serve_console(demo: Demo, *, wait: bool) -> str:
+    """The web console over this demo's store and reports (``serve --console``); its URL.
+
+    Prints the page's address with a read token in its fragment (the page takes it and removes it
+    from the address bar) and an operate token (rollout, halt). With ``wait`` (a terminal, not
+    ``--quick``) it keeps serving, and the agents keep running and reporting, until Ctrl-C.
+    """
+    import urllib.request
+
+    say("The console: the same fleet in a browser (avika-publish serve --console)")
+    read, operate = secrets.token_hex(16), secrets.token_hex(16)
+    env = {
+        **demo.tool_env(),
+        "AVIKA_CONSOLE_TOKENS": f"demo-viewer:read:{read},demo-operator:operate:{operate}",
+    }
+    log = (demo.workdir / "console.log").open("w")
+    server = demo.procs.start(
+        [PUBLISH, "serve", "--root", str(demo.store), "--host", "127.0.0.1", "--port", "0",
+         "--reports", demo.reports, "--console", "--key", str(demo.key)],
+        "avika-publish serve --console",
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )  # fmt: skip
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if "http://" not in line:
+        raise DemoError(f"the console did not start: {line!r}; see {demo.workdir / 'console.log'}")
+    url = line[line.index("http://") :].split()[0].rstrip("/")
+    request = urllib.request.Request(f"{url}/v1/fleet", headers={"Authorization": f"Bearer {read}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        summary = json.loads(answer.read())["summary"]
+    note(f"the operator API answers: {summary['total']} agents, {summary['update_available']} with an update")
+    note(f"open   {url}/console/#token={read}")
+    note(f"read token     {read}   (paste it into the page's form, or use the link above)")
+    note(f"operate token  {operate}   (also sets the rollout and halts, each confirmed)")
+    (demo.workdir / "console.txt").write_text(f"{url}/console/\nread {read}\noperate {operate}\n")
+    if wait:
+        note("serving until Ctrl-C; the agents keep running and reporting (last seen moves)")
+        try:
+            while server.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("", flush=True)
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -832,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         demo.main()
+        serve_console(demo, wait=sys.stdout.isatty() and not args.quick)
     except DemoError as exc:
         print(f"\ndemo: error: {exc}", file=sys.stderr, flush=True)
         code = 1

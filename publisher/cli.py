@@ -12,16 +12,18 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
+from agent.config import parse_duration
 from agent.manifest import Manifest, ManifestError, Signer, format_time, parse_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
-from infra.reports.validation import valid_agent_id
+from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
+from publisher import fleet_text
 from publisher import inspect as inspection
 from publisher import plan as planning
 from publisher import progress as progressing
@@ -648,20 +650,78 @@ def enroll(agent_id: str, as_json: bool) -> None:
         click.echo(token)
 
 
+def _stale_after(value: str) -> timedelta:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds < 1:
+        raise click.BadParameter("must be at least 1s")
+    return timedelta(seconds=seconds)
+
+
 @main.command()
+@click.argument("agent_id", required=False)
 @reports_option
+@click.option(
+    "--stale-after",
+    default="3h",
+    show_default=True,
+    callback=lambda ctx, param, value: _stale_after(value),
+    metavar="DURATION",
+    help="An agent with no report (heartbeats included) for this long is silent (stale).",
+)
+@click.option("--state", type=click.Choice(STATES), help="Only agents in this state.")
+@click.option("--version", "version_filter", metavar="V", help="Only agents running this version.")
+@click.option("--mode", type=click.Choice(MODES), help="Only VM or container agents.")
+@click.option("--stale", is_flag=True, help="Only agents that went silent (see --stale-after).")
+@click.option("--update-available", is_flag=True, help="Only agents with an update available.")
 @json_option
-def fleet(reports: str | None, as_json: bool) -> None:
-    """Agents, versions and states from the reports store; who has an update available."""
+def fleet(
+    agent_id: str | None,
+    reports: str | None,
+    stale_after: Any,
+    state: str | None,
+    version_filter: str | None,
+    mode: str | None,
+    stale: bool,
+    update_available: bool,
+    as_json: bool,
+) -> None:
+    """Agents, versions and states from the reports store: who has an update available, who went
+    silent, what failed. With AGENT_ID: that agent's history (oldest first)."""
+    if agent_id is not None and not valid_agent_id(agent_id):
+        raise click.BadParameter(
+            f"{agent_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ / + = -", param_hint="AGENT_ID"
+        )
+    where = fleet_view.FleetFilter(
+        state=state,
+        version=version_filter,
+        mode=mode,
+        stale=True if stale else None,
+        update_available=True if update_available else None,
+    )
+    colour = not as_json and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    now = datetime.now(UTC)
     store = fleet_view.open_reports(reports)
     try:
-        view = fleet_view.fleet_view(fleet_view.read_agents(store))
+        if agent_id is not None:
+            history = fleet_view.agent_history(store, agent_id, now=now, stale_after=stale_after)
+            if history is None:
+                raise PublishError(f"no reports from agent {agent_id!r} in {reports}")
+            if as_json:
+                _print_json(history)
+            else:
+                click.echo(fleet_text.format_agent(history, now=now, colour=colour), nl=False)
+            return
+        view = fleet_view.read_fleet(store, now=now, stale_after=stale_after, where=where)
     finally:
         store.close()
     if as_json:
         _print_json(view)
     else:
-        click.echo(fleet_view.format_fleet(view), nl=False)
+        view["filtered"] = where != fleet_view.FleetFilter()
+        click.echo(fleet_text.format_fleet(view, now=now, stale_after=stale_after, colour=colour), nl=False)
 
 
 @main.command()
@@ -809,11 +869,98 @@ def progress(
     "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port."
 )
 @reports_option
-def serve(root: Path, host: str, port: int, reports: str | None) -> None:
-    """Serve a store directory like a CDN (ETag, Range, Cache-Control), plus POST /v1/reports."""
+@click.option(
+    "--console",
+    is_flag=True,
+    help="Also serve the web console (/console/) and the operator API (/v1/fleet, /v1/releases, ...);"
+    " tokens from AVIKA_CONSOLE_TOKENS (name:scope:secret, comma-separated).",
+)
+@click.option(
+    "--key",
+    "key_files",
+    multiple=True,
+    envvar="AVIKA_SIGNING_KEY",
+    metavar="KEY",
+    help="With --console: the key that signs rollout and halt (env AVIKA_SIGNING_KEY).",
+)
+@click.option(
+    "--kms-key-id",
+    "kms_key_ids",
+    multiple=True,
+    envvar="AVIKA_KMS_KEY_ID",
+    metavar="ID",
+    help="With --console: an AWS KMS key instead (env AVIKA_KMS_KEY_ID).",
+)
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="With --console: the release store it shows and re-signs (default: --root).",
+)
+@public_key_option("With --console: also trust the live manifest signed by this key.")
+def serve(
+    root: Path,
+    host: str,
+    port: int,
+    reports: str | None,
+    console: bool,
+    key_files: tuple[str, ...],
+    kms_key_ids: tuple[str, ...],
+    store_url: str | None,
+    public_keys: list,
+) -> None:
+    """Serve a store directory like a CDN (ETag, Range, Cache-Control), plus POST /v1/reports;
+    with --console, the web console and the operator API."""
     from publisher.serve import run
 
-    run(root, host, port, reports)
+    mount = None
+    if console:
+        from publisher.console_app import make_console
+
+        mount = make_console(
+            reports,
+            store_url or str(root),
+            key_files=key_files,
+            kms_key_ids=kms_key_ids,
+            public_keys=public_keys,
+        )
+        if not (key_files or kms_key_ids):
+            _note("--console without --key or --kms-key-id: the console shows, but cannot roll out or halt")
+    run(root, host, port, reports, console=mount)
+
+
+@main.command("console-upload")
+@click.option(
+    "--store",
+    envvar="AVIKA_STORE",
+    required=True,
+    metavar="s3://BUCKET[/PREFIX]",
+    help="The release store's bucket; the page goes to console/ at its root (env AVIKA_STORE).",
+)
+@click.option("--endpoint-url", metavar="URL", help="S3-compatible endpoint (AWS_ENDPOINT_URL works too).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@json_option
+def console_upload(store: str, endpoint_url: str | None, dry_run: bool, as_json: bool) -> None:
+    """Upload the web console's page to console/ in the bucket, for CloudFront to serve."""
+    if not store.lower().startswith("s3://"):
+        raise click.BadParameter(
+            f"{store!r} is not an s3:// store; `avika-publish serve --console` serves the page itself",
+            param_hint="--store",
+        )
+    from publisher.console_upload import upload_console
+    from publisher.s3store import S3Store
+
+    target = S3Store.from_url(store, endpoint_url=endpoint_url)
+    done = upload_console(target.client, target.bucket, dry_run=dry_run)
+    if as_json:
+        _print_json({"bucket": target.bucket, "dry_run": dry_run, "files": [u.to_json() for u in done]})
+        return
+    verb = "would upload" if dry_run else "uploaded"
+    for item in done:
+        click.echo(f"{verb} s3://{target.bucket}/{item.key}  {item.content_type}  {item.size} bytes")
+    click.echo(
+        "the console is at https://<your CloudFront domain>/console/ (CloudFront sends /v1/* to the API)"
+    )
 
 
 if __name__ == "__main__":

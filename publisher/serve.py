@@ -11,6 +11,9 @@
 - Bodies are streamed in 1 MiB chunks from the same open file the ETag was computed from, so an
   atomic replace of ``manifest.json`` mid-request never pairs one content with another's ETag.
 - ``POST /v1/reports`` is ``infra.reports.core.ReportsEndpoint`` over ``--reports`` (404 without it).
+- With ``--console``, ``/console/...`` and the operator API (``/v1/fleet`` ...) go to
+  ``publisher.console_app.ConsoleMount`` (a small hook in ``_route``; a POST's body is read up to
+  the console's cap through ``_body``).
 
 Hostile requests (the request-parsing layer, before any route): ``Content-Length`` must be ASCII
 digits, one value, else 400 and the connection closes, before a byte of body is read; a body is
@@ -104,9 +107,12 @@ def content_length(values: list[str] | None) -> int | None:
 class UpdateServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, address: tuple[str, int], reports: ReportsEndpoint | None) -> None:
+    def __init__(
+        self, root: Path, address: tuple[str, int], reports: ReportsEndpoint | None, console: Any = None
+    ) -> None:
         self.root = Path(root).resolve()
         self.reports = reports
+        self.console = console  # publisher.console_app.ConsoleMount, or None
         self._etags: dict[tuple[int, int, int, int], str] = {}
         self._etags_lock = threading.Lock()
         if ":" in address[0]:
@@ -249,6 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:  # e.g. "//[::1/": an invalid IPv6 authority
             self._plain(400, "bad request target")
             return
+        if self.server.console is not None and self.server.console.wants(path):
+            self._console(method)
+            return
         if method not in ("GET", "HEAD") and not (path == REPORTS_PATH and method == "POST"):
             self.close_connection = True  # a body we do not read must not be parsed as the next request
         if path == REPORTS_PATH and self.server.reports is not None:
@@ -291,6 +300,19 @@ class _Handler(BaseHTTPRequestHandler):
             body = read
         status, headers, data = self.server.reports.handle(method, dict(self.headers.items()), body)
         self._send(status, headers, data)
+
+    def _console(self, method: str) -> None:
+        """Hand a console request to the mount; only a POST's body is read (up to its cap)."""
+        console = self.server.console
+        body = b""
+        if method == "POST" and (self._chunked or self._length is not None):
+            read = self._body(console.MAX_BODY)  # no length and not chunked: no body (RFC 9112 6.3)
+            if isinstance(read, int):
+                self._plain(read, "Content-Length required" if read == 411 else "body too large")
+                return
+            body = read
+        status, headers, data = console.handle(method, self.path, dict(self.headers.items()), body)
+        self._send(status, headers, b"" if method == "HEAD" else data)
 
     def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
         self.send_response(status)
@@ -399,11 +421,13 @@ def make_server(
     port: int = 8080,
     reports_url: str | None = None,
     fleet_secret: str | None = None,
+    console: Any = None,
 ) -> UpdateServer:
     """A bound server (not yet serving); ``port`` 0 picks a free port (see ``server.url``).
 
     With ``reports_url``, ``POST /v1/reports`` stores reports there, checked against
-    ``fleet_secret`` (default: ``AVIKA_FLEET_SECRET``).
+    ``fleet_secret`` (default: ``AVIKA_FLEET_SECRET``). ``console``: a
+    ``publisher.console_app.ConsoleMount`` for ``--console``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -421,13 +445,20 @@ def make_server(
         except ValueError as exc:
             raise Refused(str(exc)) from None
         reports = ReportsEndpoint(store, secrets)
-    return UpdateServer(root, (host, port), reports)
+    return UpdateServer(root, (host, port), reports, console)
 
 
-def run(root: str | Path, host: str, port: int, reports_url: str | None = None, out: Any = None) -> None:
+def run(
+    root: str | Path,
+    host: str,
+    port: int,
+    reports_url: str | None = None,
+    out: Any = None,
+    console: Any = None,
+) -> None:
     """Serve until SIGTERM or SIGINT; the first line on ``out`` says where."""
     out = out or sys.stdout
-    server = make_server(root, host, port, reports_url)
+    server = make_server(root, host, port, reports_url, console=console)
     stopping = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -438,6 +469,8 @@ def run(root: str | Path, host: str, port: int, reports_url: str | None = None, 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(f"serving {server.root} on {server.url}", file=out, flush=True)
+        if console is not None:
+            print(f"console: {server.url}/console/", file=out, flush=True)
         server.serve_forever(poll_interval=0.2)
     finally:
         for sig, handler in previous.items():
@@ -445,3 +478,5 @@ def run(root: str | Path, host: str, port: int, reports_url: str | None = None, 
         server.server_close()
         if server.reports is not None:
             server.reports.store.close()
+        if console is not None:
+            console.api.reports.close()

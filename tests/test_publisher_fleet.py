@@ -11,6 +11,11 @@ Rules enforced here:
   first, even when all failed; exit 5 above ``--max-failure-rate``; else 0;
 - ``--halt`` after a 5 re-signs the live manifest at rollout 0 (serial + 1, verifiable by the agent),
   not again when already at 0, and refuses (exit 1, store untouched) when another version is live;
+- liveness: ``last_seen`` moves with every report, heartbeats included, ``last_change`` only with
+  the state; ``stale`` once ``last_seen`` is older than ``--stale-after``; a heartbeat's
+  ``last_result`` shows; filters ``--state --version --mode --stale --update-available``;
+- ``fleet AGENT_ID``: the agent's row and its history, oldest first, without heartbeats;
+- on a terminal the table colours states as the console page does (one tone map);
 - both stores: SQLite and DynamoDB (moto), filled through the real reports endpoint.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,14 +40,15 @@ from agent.manifest import in_wave, verify_manifest
 from agent.reports import QueueSink
 from infra.reports.auth import make_token
 from infra.reports.core import ReportsEndpoint
-from infra.reports.store import ReportStore, SQLiteStore
+from infra.reports.store import ReportStore, SQLiteStore, rfc3339_ms
 from publisher import fleet
 from publisher.serve import make_server
 from tests.publisher_fixtures import cli, make_binary, new_key_file, snapshot
 
 SECRET = "fleet-test-fleet-secret-012345"
-NOW = 1_771_185_600.0  # 2026-02-15T20:00:00Z
-SEEN = "2026-02-15T20:00:00.000Z"
+# Reports are received "now" (the CLI judges staleness by the real clock), at a whole second.
+NOW = float(int(time.time()))
+SEEN = rfc3339_ms(NOW)
 STREAM = f"{int((NOW - 3600) * 1000):013x}0123456789abcdef"
 TABLE = "avika-reports"
 
@@ -54,7 +61,8 @@ class Fleet:
     def __init__(self, store: ReportStore, url: str) -> None:
         self.store = store
         self.url = url
-        self.endpoint = ReportsEndpoint(store, [SECRET.encode()], clock=lambda: NOW)
+        self.now = NOW
+        self.endpoint = ReportsEndpoint(store, [SECRET.encode()], clock=lambda: self.now)
         self.seqs: dict[str, int] = {}
 
     def report(self, agent_id: str, state: str, **fields: Any) -> dict[str, Any]:
@@ -127,6 +135,11 @@ def row(agent_id: str, **fields: Any) -> dict[str, Any]:
         "state": None,
         "target_version": "0.1.44",
         "last_seen": SEEN,
+        "last_change": SEEN,
+        "stale": False,
+        "last_result": None,
+        "in_wave": None,
+        "image": None,
         "update_available": False,
         "last_error": None,
     }
@@ -135,7 +148,14 @@ def row(agent_id: str, **fields: Any) -> dict[str, Any]:
 
 EXPECTED_FLEET = {
     "agents": [
-        row("ctr-c", mode="container", state="update_available", update_available=True),
+        row(
+            "ctr-c",
+            mode="container",
+            state="update_available",
+            update_available=True,
+            in_wave=True,
+            image="ghcr.io/avika/agent:0.1.44",
+        ),
         row("vm-a", version="0.1.44", state="committed"),
         row(
             "vm-b",
@@ -180,7 +200,8 @@ def test_fleet_text_is_an_aligned_table_with_counts(sqlite_fleet: Fleet) -> None
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     header, rows = lines[0], lines[1:6]
-    columns = ["AGENT", "MODE", "PLATFORM", "VERSION", "STATE", "TARGET", "LAST SEEN", "UPDATE", "LAST ERROR"]
+    columns = ["AGENT", "MODE", "PLATFORM", "VERSION", "STATE", "TARGET", "LAST SEEN", "CHANGED", "UPDATE"]
+    columns.append("LAST ERROR / RESULT")
     starts = [header.index(name) for name in columns]
     assert starts == sorted(starts)
     for line in rows:  # every value starts where its column's title starts
@@ -189,7 +210,9 @@ def test_fleet_text_is_an_aligned_table_with_counts(sqlite_fleet: Fleet) -> None
     assert "available" in rows[0] and "too_many_boots" in rows[2]
     assert "versions: 0.1.43 4, 0.1.44 1" in lines
     assert "states:   committed 1, downloading 1, failed 1, rolled_back 1, update_available 1" in lines
-    assert lines[-1] == "5 agent(s), 2 with an update available"
+    assert "containers to roll: ctr-c -> ghcr.io/avika/agent:0.1.44" in lines
+    assert lines[-1] == "5 agent(s), 2 with an update available, 0 silent for over 3h"
+    assert "\x1b[" not in result.stdout  # not a terminal: no colour
 
 
 @pytest.mark.parametrize(
@@ -469,3 +492,157 @@ def test_agents_reporting_through_serve_show_up_in_fleet_and_canary(tmp_path: Pa
         Fleet(SQLiteStore(db), f"sqlite:///{db}"), "--max-failure-rate", "0.4", "--min-agents", "2"
     )
     assert code == 5 and (report["ended"], report["rolled_back"]) == (2, 1)
+
+
+# ---------------------------------------------------------------- liveness, filters, history
+
+
+def heartbeat(f: Fleet, agent_id: str, **fields: Any) -> dict[str, Any]:
+    base = {"target_version": None, "manifest_serial": None, "last_result": "up_to_date", "uptime_s": 60}
+    return f.report(agent_id, "heartbeat", **{**base, **fields})
+
+
+def fleet_json(f: Fleet, *args: str) -> dict[str, Any]:
+    result = cli("fleet", "--reports", f.url, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_silent_agent_is_stale_until_a_heartbeat(any_fleet: Fleet) -> None:
+    any_fleet.now = NOW - 4 * 3600
+    any_fleet.attempt("vm-a", "downloading", "restarting", "watching")
+    any_fleet.report("vm-a", "committed", version="0.1.44")
+    [agent] = fleet_json(any_fleet)["agents"]
+    assert (agent["stale"], agent["state"], agent["last_seen"]) == (
+        True,
+        "committed",
+        rfc3339_ms(NOW - 4 * 3600),
+    )
+    assert fleet_json(any_fleet, "--stale-after", "5h")["agents"][0]["stale"] is False
+
+    any_fleet.now = NOW
+    heartbeat(any_fleet, "vm-a", version="0.1.44", last_result="not_in_wave")
+    [agent] = fleet_json(any_fleet)["agents"]
+    assert (agent["stale"], agent["state"], agent["version"]) == (False, "committed", "0.1.44")
+    assert (agent["last_seen"], agent["last_change"]) == (SEEN, rfc3339_ms(NOW - 4 * 3600))
+    assert agent["last_result"] == "not_in_wave"
+    text = cli("fleet", "--reports", any_fleet.url).stdout
+    assert "0 silent for over 3h" in text and "not_in_wave" in text
+
+
+def test_filters_select_by_state_version_mode_staleness_and_update(any_fleet: Fleet) -> None:
+    mixed_fleet(any_fleet)
+    any_fleet.now = NOW - 5 * 3600
+    any_fleet.report("old-1", "committed", version="v0.1.44", target_version="0.1.44")
+
+    def ids(*args: str) -> list[str]:
+        return [a["agent_id"] for a in fleet_json(any_fleet, *args)["agents"]]
+
+    assert ids("--state", "rolled_back") == ["vm-b"]
+    assert ids("--version", "0.1.44") == ["old-1", "vm-a"]  # v0.1.44 is 0.1.44
+    assert ids("--version", "v0.1.43") == ["ctr-c", "vm-b", "vm-d", "vm-e"]
+    assert ids("--mode", "container") == ["ctr-c"]
+    assert ids("--stale") == ["old-1"]
+    assert ids("--update-available") == ["ctr-c", "vm-b"]
+    assert ids("--mode", "vm", "--update-available") == ["vm-b"]
+    assert ids("--state", "committed", "--stale") == ["old-1"]
+    view = fleet_json(any_fleet, "--mode", "vm", "--version", "0.1.43")
+    assert view["versions"] == {"0.1.43": 3}
+    assert cli("fleet", "--reports", any_fleet.url, "--state", "committed", "--mode", "container").stdout == (
+        "no agents match\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--state", "sleeping"),
+        ("--mode", "pod"),
+        ("--stale-after", "soon"),
+        ("--stale-after", "0s"),
+        ("a b",),
+    ],
+)
+def test_bad_fleet_arguments_exit_2(sqlite_fleet: Fleet, args: tuple[str, ...]) -> None:
+    assert cli("fleet", "--reports", sqlite_fleet.url, *args).exit_code == 2
+
+
+def test_fleet_agent_id_shows_its_history_oldest_first(any_fleet: Fleet) -> None:
+    mixed_fleet(any_fleet)
+    heartbeat(any_fleet, "vm-b", last_result="bad_version")
+    history = fleet_json(any_fleet, "vm-b")
+    assert list(history) == ["agent", "events"]
+    assert history["agent"]["agent_id"] == "vm-b" and history["agent"]["last_result"] == "bad_version"
+    assert list(history["agent"]) == list(fleet.FLEET_FIELDS)
+    events = history["events"]
+    assert [e["state"] for e in events] == ["downloading", "verifying", "staged", "restarting", "rolled_back"]
+    assert all(list(e) == list(fleet.HISTORY_FIELDS) for e in events)
+    assert events[-1]["error"] == "too_many_boots: 4 boots without a commit"
+    assert events[-1]["received"] == SEEN and events[0]["time"] == "2026-02-15T19:59:00Z"
+    text = cli("fleet", "vm-b", "--reports", any_fleet.url).stdout
+    assert text.startswith("agent        vm-b\n") and "rolled_back" in text and "too_many_boots" in text
+    missing = cli("fleet", "nobody", "--reports", any_fleet.url)
+    assert missing.exit_code == 1 and "no reports from agent 'nobody'" in missing.stderr
+
+
+def test_the_history_of_an_agent_known_only_by_heartbeats_is_empty(sqlite_fleet: Fleet) -> None:
+    heartbeat(sqlite_fleet, "quiet-1")
+    history = fleet_json(sqlite_fleet, "quiet-1")
+    assert history["events"] == []
+    assert (history["agent"]["state"], history["agent"]["last_result"]) == ("heartbeat", "up_to_date")
+
+
+def test_states_are_coloured_on_a_terminal(sqlite_fleet: Fleet) -> None:
+    """A real pseudo-terminal: the table colours states with the tones the console page uses."""
+    import os
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    mixed_fleet(sqlite_fleet)
+    sqlite_fleet.now = time.time() - 4 * 3600 - 5
+    sqlite_fleet.report("old-1", "committed", version="0.1.44")
+    controller, terminal = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "AVIKA_REPORTS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "publisher.cli", "fleet", "--reports", sqlite_fleet.url],
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    os.close(terminal)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(controller)
+    text = out.decode()
+    assert proc.returncode == 0, proc.stderr
+    ansi = fleet.ANSI
+    assert f"\x1b[{ansi['ok']}mcommitted\x1b[0m" in text
+    assert f"\x1b[{ansi['bad']}mrolled_back\x1b[0m" in text
+    assert f"\x1b[{ansi['warn']}mupdate_available\x1b[0m" in text
+    assert f"\x1b[{ansi['busy']}mdownloading\x1b[0m" in text
+    assert re.search(f"\x1b\\[{ansi['stale']}m4h0\\dm ago, SILENT\x1b\\[0m", text), text
+
+
+def test_the_consoles_canary_is_the_clis_verdict_with_short_lists(any_fleet: Fleet) -> None:
+    """``canary_view`` (the console's; SQL counts on SQLite) agrees with ``canary --json``."""
+    canary_fleet(any_fleet, committed=8, failed=1, rolled_back=2, in_progress=3)
+    for rate, minimum in (("0.1", "10"), ("0.5", "10"), ("0.5", "12")):
+        _, cli_report = canary(any_fleet, "--max-failure-rate", rate, "--min-agents", minimum)
+        view = fleet.canary_view(
+            any_fleet.store, "0.1.44", max_failure_rate=float(rate), min_agents=int(minimum)
+        )
+        assert {k: view[k] for k in cli_report} == cli_report
+    short = fleet.canary_view(any_fleet.store, "0.1.44", max_failure_rate=0.1, min_agents=1, rows=1)
+    assert len(short["failures"]) == 1 and short["failures_total"] == 3
+    assert len(short["in_progress"]) == 1 and short["in_progress_total"] == 3

@@ -7,31 +7,45 @@ Items (the CloudFormation template and the publisher share these names, hence th
 - `pk=AGENT#<agent_id>, sk=EVENT#<event_id>`: each event, put with `attribute_not_exists(pk)`
   (idempotent), TTL attribute `expires_at`.
 - `pk=VERSION#<target_version>, sk=AGENT#<agent_id>`: the agent's latest attempt at that version.
+- `pk=AUDIT, sk=<time>#<uuid>`: an operator action (console API); never expires.
 
 STATE and VERSION# writes are conditional on the stored position, encoding `store.supersedes`:
 first as "same stream, higher seq" (the common case; the stored stream key is kept, see `pinned`),
 then as "no item, or another stream with a higher (stream key, seq)". Both refused means the stored
 item is newer: nothing changes (STATE only advances `last_seen`). boto3 is imported on first use,
 keeping it off the Lambda's import path until a request needs it.
+
+A heartbeat (see `store.py`) is one conditional UpdateItem of `last_seen` and `last_result` on an
+existing STATE item; only an agent without one gets a STATE item made from its heartbeat (a put
+with `attribute_not_exists`). The fleet scan pages `state-index` shard by shard (a position is
+`<shard>:<agent_id>`); the whole-fleet read for the console's summary queries the 16 shards in
+parallel, and the summary is reused for `summary_ttl` seconds (DESIGN §9: a poll every 5 s must
+not read the whole fleet each time).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .store import (
+    ANYWHERE,
     DEFAULT_TTL_SECONDS,
+    STICKY_FIELDS,
     BatchPlan,
     Candidate,
     ReportStore,
     StoreError,
     StoreThrottled,
+    Where,
     public_record,
+    state_row,
 )
-from .validation import EVENT_FIELDS
+from .validation import EVENT_FIELDS, valid_agent_id
 
 PK = "pk"
 SK = "sk"
@@ -40,6 +54,9 @@ GSI_PK = "gsi1pk"
 GSI_SK = "gsi1sk"
 TTL_ATTRIBUTE = "expires_at"
 STATE_SHARDS = 16
+AUDIT_PK = "AUDIT"
+SUMMARY_TTL_SECONDS = 60.0
+SCAN_BUDGET = 10_000  # rows one filtered page may read (about 6 MB, 750 read units), then `next`
 
 _THROTTLED = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
 _INTERNAL = {PK, SK, GSI_PK, GSI_SK, "stream_key"}
@@ -76,8 +93,16 @@ class _Refused(Exception):
     """A conditional write whose condition did not hold."""
 
 
+def _unmarshal_value(av: dict[str, Any]) -> Any:
+    (kind, value), *_ = av.items()
+    return int(value) if kind == "N" else None if kind == "NULL" else value
+
+
 class DynamoDBStore(ReportStore):
     """Reports in one DynamoDB table; the low-level client keeps cold starts short."""
+
+    summary_ttl = SUMMARY_TTL_SECONDS
+    scan_budget = SCAN_BUDGET
 
     def __init__(self, table: str, *, client: Any = None, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
         self.table = table
@@ -129,17 +154,55 @@ class DynamoDBStore(ReportStore):
             except _Refused:
                 pass  # a replay: already stored
         for agent_id, cand in plan.latest.items():
-            key = {PK: _marshal(f"AGENT#{agent_id}"), SK: _marshal("STATE")}
-            extra = {
-                "last_seen": plan.received_at,
-                GSI_PK: f"STATE#{state_shard(agent_id)}",
-                GSI_SK: agent_id,
-            }
-            if not self._offer(key, cand, extra):
+            key = self._state_key(agent_id)
+            if not self._offer(key, cand, self._state_extra(agent_id, plan.received_at)):
                 self._touch(key, plan.received_at)
+        for agent_id, beat in plan.heartbeats.items():
+            self._heartbeat(agent_id, beat, plan.received_at)
         for (version, agent_id), cand in plan.outcomes.items():
             self._offer({PK: _marshal(f"VERSION#{version}"), SK: _marshal(f"AGENT#{agent_id}")}, cand, {})
         return accepted
+
+    @staticmethod
+    def _state_key(agent_id: str) -> dict[str, Any]:
+        return {PK: _marshal(f"AGENT#{agent_id}"), SK: _marshal("STATE")}
+
+    @staticmethod
+    def _state_extra(agent_id: str, received_at: str) -> dict[str, Any]:
+        return {"last_seen": received_at, GSI_PK: f"STATE#{state_shard(agent_id)}", GSI_SK: agent_id}
+
+    def _heartbeat(self, agent_id: str, beat: Candidate, received_at: str) -> None:
+        """Liveness only: `last_seen` (and `last_result`) on the STATE item, or its first STATE."""
+        sets, values = ["#seen = :now"], {":now": _marshal(received_at)}
+        names = {"#seen": "last_seen"}
+        if beat.record.get("last_result") is not None:
+            sets.append("#result = :result")
+            names["#result"] = "last_result"
+            values[":result"] = _marshal(beat.record["last_result"])
+        try:
+            self._call(
+                "update_item",
+                Key=self._state_key(agent_id),
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression="attribute_exists(pk) AND (attribute_not_exists(#seen) OR #seen <= :now)",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+            return
+        except _Refused:
+            pass  # no STATE yet, or a newer receive time already stored
+        pos = beat.position
+        fields = {
+            **beat.record,
+            **self._state_extra(agent_id, received_at),
+            "stream": pos.stream,
+            "seq": pos.seq,
+            "stream_key": pos.stream_key,
+        }
+        item = {name: _marshal(value) for name, value in fields.items()}
+        item.update(self._state_key(agent_id))
+        with contextlib.suppress(_Refused):
+            self._call("put_item", Item=item, ConditionExpression="attribute_not_exists(pk)")
 
     def _offer(self, key: dict[str, Any], cand: Candidate, extra: dict[str, Any]) -> bool:
         """Write `cand` over the item at `key` if it supersedes it (see the module docstring)."""
@@ -157,7 +220,7 @@ class DynamoDBStore(ReportStore):
             values[f":f{i}"] = _marshal(value)
             sets.append(f"#f{i} = :f{i}")
         # Fields this event lacks must not survive from an older event (e.g. a stale `error`).
-        absent = [name for name in EVENT_FIELDS if name not in fields]
+        absent = [name for name in EVENT_FIELDS if name not in fields and name not in STICKY_FIELDS]
         removes = []
         for i, name in enumerate(absent):
             names[f"#r{i}"] = name
@@ -208,21 +271,70 @@ class DynamoDBStore(ReportStore):
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
+    @staticmethod
+    def _full(item: dict[str, Any]) -> dict[str, Any]:
+        raw = _unmarshal(item)
+        raw["last_change"] = raw.get("received_at")
+        raw.setdefault("last_result", None)
+        return public_record(raw, "last_seen", "last_change")
+
+    def _shard_items(
+        self, shard: int, after: str | None = None, page_size: int | None = None
+    ) -> Iterator[Any]:
+        kwargs: dict[str, Any] = {
+            "IndexName": GSI_NAME,
+            "KeyConditionExpression": "#p = :p",
+            "ExpressionAttributeNames": {"#p": GSI_PK},
+            "ExpressionAttributeValues": {":p": _marshal(f"STATE#{shard}")},
+        }
+        if page_size is not None:
+            kwargs["Limit"] = page_size
+        if after is not None:
+            kwargs["ExclusiveStartKey"] = {
+                GSI_PK: _marshal(f"STATE#{shard}"),
+                GSI_SK: _marshal(after),
+                **self._state_key(after),
+            }
+        return self._pages(**kwargs)
+
     def agents(self) -> Iterator[dict[str, Any]]:
         for shard in range(STATE_SHARDS):
-            for item in self._pages(
-                IndexName=GSI_NAME,
-                KeyConditionExpression="#p = :p",
-                ExpressionAttributeNames={"#p": GSI_PK},
-                ExpressionAttributeValues={":p": _marshal(f"STATE#{shard}")},
-            ):
-                yield public_record(_unmarshal(item), "last_seen")
+            for item in self._shard_items(shard):
+                yield self._full(item)
 
     def agent(self, agent_id: str) -> dict[str, Any] | None:
-        item = self._call(
-            "get_item", Key={PK: _marshal(f"AGENT#{agent_id}"), SK: _marshal("STATE")}, ConsistentRead=True
-        ).get("Item")
-        return public_record(_unmarshal(item), "last_seen") if item else None
+        item = self._call("get_item", Key=self._state_key(agent_id), ConsistentRead=True).get("Item")
+        return self._full(item) if item else None
+
+    @staticmethod
+    def _row(item: dict[str, Any]) -> dict[str, Any]:
+        raw = _unmarshal(item)
+        raw["last_change"] = raw.get("received_at")
+        return state_row(raw)
+
+    def scan(
+        self, after: str | None = None, where: Where = ANYWHERE, page_size: int = 1000
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Shard by shard, agent id order within a shard; `where` is left to the caller."""
+        shard, start = 0, None
+        if after:
+            text, sep, agent_id = after.partition(":")
+            if not (sep and text.isdigit() and int(text) < STATE_SHARDS and valid_agent_id(agent_id)):
+                raise ValueError(f"not a scan position of this store: {after!r}")
+            shard, start = int(text), agent_id
+        for number in range(shard, STATE_SHARDS):
+            for item in self._shard_items(number, start if number == shard else None, page_size):
+                row = self._row(item)
+                yield f"{number}:{row['agent_id']}", row
+
+    def scan_all(self) -> Iterator[dict[str, Any]]:
+        """The 16 shards read in parallel (the summary's whole-fleet read), rows in shard order."""
+        with ThreadPoolExecutor(max_workers=STATE_SHARDS) as pool:
+            shards = pool.map(
+                lambda n: [self._row(item) for item in self._shard_items(n)], range(STATE_SHARDS)
+            )
+            for rows in shards:
+                yield from rows
 
     def version_outcomes(self, version: str) -> list[dict[str, Any]]:
         items = self._pages(
@@ -239,3 +351,24 @@ class DynamoDBStore(ReportStore):
             ConsistentRead=True,
         )
         return [public_record(_unmarshal(item), TTL_ATTRIBUTE) for item in items]
+
+    # --- audit ---
+
+    def put_audit(self, entry: dict[str, Any]) -> None:
+        item = {name: _marshal(value) for name, value in entry.items() if not isinstance(value, (list, dict))}
+        item[PK] = _marshal(AUDIT_PK)
+        item[SK] = _marshal(f"{entry['time']}#{uuid.uuid4()}")
+        self._call("put_item", Item=item, ConditionExpression="attribute_not_exists(pk)")
+
+    def audit(self, limit: int = 50) -> list[dict[str, Any]]:
+        page = self._call(
+            "query",
+            KeyConditionExpression="pk = :p",
+            ExpressionAttributeValues={":p": _marshal(AUDIT_PK)},
+            ScanIndexForward=False,
+            Limit=limit,
+        )
+        return [
+            {k: _unmarshal_value(v) for k, v in item.items() if k not in (PK, SK)}
+            for item in page.get("Items", [])
+        ]

@@ -15,6 +15,10 @@ Configuration (environment):
 The secret is read once and cached for the container's life (rotation relies on the previous secret
 staying accepted until containers recycle). A configuration error is a logged 500 and is retried on
 the next request, so fixing the environment needs no redeploy of code.
+
+The operator API's routes (DESIGN section 9: `/v1/fleet`, `/v1/agents/...`, `/v1/releases`,
+`/v1/rollout`, `/v1/halt`) go to `console_lambda.py`, imported on the first such request only: the
+reports route's cold start never pays for the publisher and cryptography the console needs.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from typing import Any
 
 from .auth import ConfigError, parse_secrets
+from .console_routes import is_console_path
 from .core import ReportsEndpoint, Response, error
 from .store import DEFAULT_TTL_SECONDS, ReportStore
 
@@ -131,6 +136,8 @@ def reset() -> None:
     if _endpoint is not None:
         _endpoint.store.close()
     _endpoint, _cold = None, True
+    if "infra.reports.console_lambda" in sys.modules:
+        sys.modules["infra.reports.console_lambda"].reset()
 
 
 def _request(event: dict[str, Any]) -> tuple[str, dict[str, str], bytes]:
@@ -159,25 +166,53 @@ def _answer(event: dict[str, Any]) -> tuple[str, Response]:
     return method, ep.respond(method, headers, body)
 
 
+def _path(event: dict[str, Any]) -> str:
+    path = event.get("rawPath")
+    if not isinstance(path, str):
+        path = ((event.get("requestContext") or {}).get("http") or {}).get("path")
+    return path if isinstance(path, str) else ""
+
+
+def _console(event: dict[str, Any], path: str) -> tuple[str, Any, dict[str, Any]]:
+    """(method, answer, log fields) of an operator API request."""
+    try:
+        method, headers, body = _request(event)
+    except (ValueError, binascii.Error, AttributeError, TypeError):
+        from .console_api import problem
+
+        return "", problem(400, "bad_request", "request body could not be decoded"), {}
+    from .console_lambda import answer
+
+    response, who = answer(event, method, path, headers, body)
+    fields = {"path": path, "who": who}
+    if isinstance(response.body, dict) and "error" in response.body:
+        fields["error"] = response.body["error"]
+    return method, response, fields
+
+
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     """Lambda entry point: API Gateway HTTP API (payload 2.0) event in, HTTP response dict out."""
     global _cold
     started = time.perf_counter()
-    method, response = _answer(event)
+    path = _path(event)
+    if is_console_path(path):
+        method, response, extra = _console(event, path)
+    else:
+        method, response = _answer(event)
+        extra = {"agent_id": response.agent_id, **response.body}
     fields: dict[str, Any] = {
         "request_id": getattr(context, "aws_request_id", None),
         "method": method,
         "status": response.status,
-        "agent_id": response.agent_id,
         "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         "cold_start": _cold,
-        **response.body,
+        **extra,
     }
     _cold = False
     level = (
         logging.INFO if response.status < 400 else logging.WARNING if response.status < 500 else logging.ERROR
     )
-    LOG.log(level, "report request", extra={"fields": fields})
+    LOG.log(level, "console request" if "path" in extra else "report request", extra={"fields": fields})
     return {
         "statusCode": response.status,
         "headers": response.all_headers(),
