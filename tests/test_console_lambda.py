@@ -131,7 +131,7 @@ def cloud(aws: None, clean_config: None, monkeypatch: pytest.MonkeyPatch, tmp_pa
     make_binary(binary, 4096, "0.1.44")
     done = cli(
         "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "25", "--init",
-        "--key", str(key.path), "--store", STORE,
+        "--key", str(key.path), "--store", STORE, "--no-inspect",
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr
     for name in ("AVIKA_KMS_KEY_ID", "AVIKA_PUBLIC_KEYS", "AVIKA_CLOUDFRONT_DISTRIBUTION_ID"):
