@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from packaging.version import InvalidVersion, Version
 
@@ -180,27 +179,10 @@ def generate_private_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def load_private_key_pem(data: bytes) -> Ed25519PrivateKey:
-    """Load an unencrypted PKCS#8 PEM; ``ValueError`` if it is not an Ed25519 private key."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"key is {type(key).__name__}, not Ed25519")
-    return key
-
-
 def public_key_of(key: Ed25519PrivateKey) -> PublicKey:
-    return PublicKey(
-        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    )
+    # Key files (PEM) are the publisher's (publisher/signing.py): the agent never imports
+    # cryptography's serialization package (1.8 MiB, 10 ms at every start).
+    return PublicKey(key.public_key().public_bytes_raw())
 
 
 class Signer(Protocol):

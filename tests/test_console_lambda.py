@@ -33,10 +33,11 @@ import pytest
 import reports_fixtures
 from reports_fixtures import LambdaContext, bearer, create_table
 
-from agent.manifest import LocalSigner, load_private_key_pem, verify_manifest
+from agent.manifest import LocalSigner, verify_manifest
 from infra.reports import console_lambda
 from infra.reports import handler as lambda_handler
 from infra.reports.dynamodb import AUDIT_PK
+from publisher.signing import load_private_key_pem
 from publisher.store_url import open_store
 from tests.publisher_fixtures import REPO, KeyFile, cli, make_binary, new_key_file
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packaging.version import InvalidVersion, Version
 
@@ -42,14 +41,12 @@ from agent.manifest import (
     PublicKey,
     TrustState,
     key_id,
-    load_private_key_pem,
     manifest_url,
     normalize_version,
     pae,
     parse_manifest,
     parse_public_keys,
     parse_version,
-    private_key_to_pem,
     public_key_of,
     resolve_url,
     sign_envelope,
@@ -1145,39 +1142,6 @@ def test_the_first_failing_rule_is_the_error(data: bytes, kw: dict[str, Any], co
 
 
 # ---------------------------------------------------------------- keys
-
-
-def test_private_key_pem_round_trips() -> None:
-    pem = private_key_to_pem(K1)
-    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
-    loaded = load_private_key_pem(pem)
-    assert public_key_of(loaded) == P1
-    assert LocalSigner(loaded).sign(b"x") == K1.sign(b"x")
-
-
-@pytest.mark.parametrize(
-    "pem",
-    [
-        pytest.param(b"not a pem", id="garbage"),
-        pytest.param(
-            ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            id="an EC key",
-        ),
-        pytest.param(
-            K1.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(b"secret"),
-            ),
-            id="an encrypted key",
-        ),
-    ],
-)
-def test_loading_anything_but_an_unencrypted_ed25519_pem_is_a_value_error(pem: bytes) -> None:
-    with pytest.raises(ValueError):
-        load_private_key_pem(pem)
 
 
 def test_public_key_base64_is_the_raw_32_bytes_and_key_id_their_sha256() -> None:
