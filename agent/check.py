@@ -30,7 +30,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -320,7 +320,7 @@ def check(
     ``ignore_backoff`` (``update --force``): a version that only missed its commit deadline is
     not blocked while it backs off (a crashed one always is).
     """
-    now = now or datetime.now(UTC)
+    now = now or datetime.now(timezone.utc)
     mode = mode or environment.detect(config.deployment_mode).mode
     if config.updates_disabled:
         agent_id = config.agent_id

@@ -46,7 +46,9 @@ class StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            stream = sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()  # a stream that is not line-buffered (click 8.1's test runner) keeps nothing back
         except Exception:
             self.handleError(record)
 
@@ -58,7 +60,21 @@ def setup_logging(level: int) -> None:
         root.addHandler(StderrHandler())
 
 
+def print_version(ctx: click.Context) -> None:
+    if not ctx.resilient_parsing:
+        click.echo(buildinfo.VERSION)
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: print_version(ctx) if value else None,
+    help="Print the version and exit (as `version` does).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,7 @@ def _update(
         runner.report_available(sink, result, decision)
     if decision.action != UPDATE:
         return
-    until = runner.backoff_until(result, load_state(cfg.state_dir), datetime.now(UTC))
+    until = runner.backoff_until(result, load_state(cfg.state_dir), datetime.now(timezone.utc))
     if until is not None and not force:
         out.update(action="none", reason="backoff", next_attempt=until.isoformat())
         return
@@ -142,7 +142,7 @@ def rollback_command(config_path: Path | None, log_format: str | None) -> None:
     runner.setup_logging(log_format)
     cfg = load_config(config_path, json_error=True)
     sink = runner.make_sink(cfg, environment.detect(cfg.deployment_mode).mode)
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     out: dict[str, Any]
     try:
         with update_lock(cfg.state_dir):

@@ -7,18 +7,25 @@ pending record. What each step guarantees:
   (a symlink is followed to the real file, which is what gets replaced), its directory writable,
   with room for the new binary plus :data:`SPACE_MARGIN`, and the file not owned by dpkg or rpm
   (a package manager would later overwrite or "repair" our binary; ``dpkg -S`` / ``rpm -qf`` are
-  asked only if installed, with a timeout).
+  asked only if installed, with a timeout). An agent file also unpacks its code into the cache
+  (:mod:`agent.cache`) at its first start: that space, estimated by this build's, is counted on
+  the cache's filesystem (the same one or another).
 - :func:`stage` creates ``.<name>.avika-staged.<version>.<pid>`` with ``O_EXCL`` in the
   *target's* directory (never /tmp: ``rename`` across filesystems fails with ``EXDEV``), lets the
   caller stream the download into it, fsyncs it and gives it the target's mode and owner.
 - :func:`smoke_test` runs ``<staged> version`` (10 s): a binary that cannot even start, or that
-  is not the version the manifest names, never replaces a working one.
+  is not the version the manifest names, never replaces a working one. It runs with a private
+  code cache (:func:`agent.cache.private_root`), removed afterwards: it leaves nothing behind but,
+  when it passes, the staged build's unpacked code, kept for that build's first start after the
+  swap (:func:`agent.cache.adopt`).
 - :func:`swap` keeps the current binary as ``<target>.backup`` through a hard link, then moves the
   staged file over the target with one ``os.replace`` and fsyncs the directory: at every instant
   the target path names a complete binary, the old one or the new one.
 - :func:`restore` puts ``.backup`` back the same way (the backup stays, so a second restore is a
   no-op).
-- :func:`cleanup_stale` removes what a killed attempt left next to the target.
+- :func:`cleanup_stale` removes what a killed attempt left next to the target, and in the code
+  cache any build that is neither the target's nor its backup's (a smoke test's code kept for an
+  attempt that then failed).
 
 Errors are :class:`InstallError` subclasses whose ``code`` is the reported error code.
 """
@@ -35,11 +42,12 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from packaging.version import InvalidVersion
 
+from agent import cache
 from agent.manifest import parse_version
 from agent.state import fsync_dir
 
@@ -193,17 +201,38 @@ def package_owner(path: Path, timeout: float = PACKAGE_QUERY_TIMEOUT) -> str | N
     return None
 
 
-def preflight(target: Path, size: int, *, owner_of: Callable[[Path], str | None] = package_owner) -> Path:
-    """Everything that can be known before downloading ``size`` bytes; returns the real target."""
+def _check_space(directory: Path, size: int, unpacked: tuple[Path, int] | None) -> None:
+    """Room for the new binary next to the target and for its unpacked code in the cache, each
+    filesystem with :data:`SPACE_MARGIN` to spare."""
+    needs = {os.stat(directory).st_dev: [directory, size, f"the new binary needs {size}"]}
+    if unpacked is not None and unpacked[1] > 0:
+        root, code = unpacked
+        need = needs.setdefault(os.stat(root).st_dev, [root, 0, ""])
+        need[1] += code
+        need[2] = ", ".join(filter(None, [need[2], f"its unpacked code in {root} about {code}"]))
+    for where, need, what in needs.values():
+        free = free_bytes(where)
+        if free < need + SPACE_MARGIN:
+            raise InsufficientSpace(f"{where} has {free} bytes free; {what} + {SPACE_MARGIN} margin")
+
+
+def preflight(
+    target: Path,
+    size: int,
+    *,
+    owner_of: Callable[[Path], str | None] = package_owner,
+    unpacked: tuple[Path, int] | bool | None = True,
+) -> Path:
+    """Everything that can be known before downloading ``size`` bytes; returns the real target.
+
+    ``unpacked``: (cache root, bytes) the new build's code will take there; by default this
+    build's own (:func:`agent.cache.space_needed`; None when not running from an agent file).
+    """
     real = resolve_target(target)
     directory = real.parent
     if not _writable(directory):
         raise TargetNotWritable(f"directory {directory} of the target is not writable")
-    free, needed = free_bytes(directory), size + SPACE_MARGIN
-    if free < needed:
-        raise InsufficientSpace(
-            f"{directory} has {free} bytes free; the new binary needs {size} + {SPACE_MARGIN} margin"
-        )
+    _check_space(directory, size, cache.space_needed() if unpacked is True else unpacked or None)
     for candidate in dict.fromkeys((Path(os.path.abspath(target)), real)):
         owner = owner_of(candidate)
         if owner is not None:
@@ -268,7 +297,9 @@ def _head(fh: object) -> str:
     return fh.read(MAX_VERSION_OUTPUT).decode("utf-8", "replace")  # type: ignore[attr-defined]
 
 
-def run_version(binary: Path, timeout: float = SMOKE_TIMEOUT) -> tuple[int, str, str]:
+def run_version(
+    binary: Path, timeout: float = SMOKE_TIMEOUT, env: Mapping[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run ``<binary> version``: (exit status, stdout, stderr), each output at most 4 KiB read.
 
     Output goes to temporary files, not pipes, so a chatty binary neither blocks nor fills memory.
@@ -280,6 +311,7 @@ def run_version(binary: Path, timeout: float = SMOKE_TIMEOUT) -> tuple[int, str,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                env=env,
                 timeout=timeout,
                 check=False,
                 start_new_session=True,
@@ -309,8 +341,19 @@ def binary_version(binary: Path, timeout: float = SMOKE_TIMEOUT) -> str | None:
 
 
 def smoke_test(staged: Path, version: str, timeout: float = SMOKE_TIMEOUT) -> None:
-    """``<staged> version`` must exit 0 and print ``version``; ``SmokeTestFailed`` otherwise."""
-    status, out, err = run_version(staged, timeout)
+    """``<staged> version`` must exit 0 and print ``version``; ``SmokeTestFailed`` otherwise.
+
+    The staged file unpacks its code (if it is an agent file) into a private cache root, removed
+    when this returns; if the test passes, that code is first kept as the staged build's, so its
+    first start after the swap does not unpack it again.
+    """
+    with cache.private_root() as root:
+        status, out, err = run_version(staged, timeout, {**os.environ, cache.ENV_VAR: str(root)})
+        _check_smoke(staged, version, status, out, err)
+        cache.adopt(root, cache.build_id_of(staged))
+
+
+def _check_smoke(staged: Path, version: str, status: int, out: str, err: str) -> None:
     if status != 0:
         tail = err.strip().splitlines()[-1:] or [""]
         raise SmokeTestFailed(f"`{staged.name} version` failed (status {status}): {tail[0][:200]}")
@@ -378,7 +421,9 @@ def cleanup_stale(target: Path, *, keep: Path | None = None, before: float | Non
 
     Only files older than ``before`` (a ``time.time()``; default now) go, so an attempt never
     removes what it is writing. Call it under the update lock: then every such file is stale.
+    The code cache keeps the target's and the backup's builds (:func:`agent.cache.prune_builds`).
     """
+    cache.prune_builds(target, backup_path(target))
     before = time.time() if before is None else before
     prefixes = tuple(f".{target.name}{tag}" for tag in (STAGED_TAG, *_LINK_TAGS))
     removed: list[Path] = []

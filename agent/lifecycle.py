@@ -88,11 +88,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from agent import install
+from agent import cache, install
 from agent.config import AgentConfig
 from agent.events import EventSink
 from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
@@ -108,6 +108,17 @@ from agent.state import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class StrEnum(str, Enum):
+    """``enum.StrEnum`` (Python 3.11) on 3.9: members are their values in ``str()`` and f-strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
 
 PENDING_FILE = "pending.json"
 # A pending record is a few hundred bytes; anything this large is not one (and is not read whole).
@@ -871,6 +882,7 @@ def rollback(
         return False
     clear_pending(config.state_dir)
     tracker.post(Event.ROLLBACK, code=reason, message=f"restored {pending.from_version}")
+    cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
     return True
 
 
@@ -885,6 +897,7 @@ def commit(config: AgentConfig, sink: EventSink, watch: Watch) -> None:
         saved.last_error = None
     log.info("committed %s (after %d boot(s))", pending.to_version, pending.boots)
     _tracker(sink, pending, State.WATCHING).post(Event.COMMIT)
+    cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
 
 
 class NothingToRollBack(Exception):
@@ -918,6 +931,7 @@ def rollback_installed(
         saved.last_result = State.ROLLED_BACK.value
         saved.last_error = {"code": MANUAL_ROLLBACK, "message": message, "state": State.COMMITTED.value}
     install.restore(target, backup, expect_sha256=previous)
+    cache.prune_builds(target, backup)  # only the current and backup builds' code stays
     sink.emit(
         State.ROLLED_BACK.value,
         target_version=version,

@@ -25,12 +25,11 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from packaging.version import InvalidVersion, Version
 
@@ -180,27 +179,10 @@ def generate_private_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def load_private_key_pem(data: bytes) -> Ed25519PrivateKey:
-    """Load an unencrypted PKCS#8 PEM; ``ValueError`` if it is not an Ed25519 private key."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"key is {type(key).__name__}, not Ed25519")
-    return key
-
-
 def public_key_of(key: Ed25519PrivateKey) -> PublicKey:
-    return PublicKey(
-        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    )
+    # Key files (PEM) are the publisher's (publisher/signing.py): the agent never imports
+    # cryptography's serialization package (1.8 MiB, 10 ms at every start).
+    return PublicKey(key.public_key().public_bytes_raw())
 
 
 class Signer(Protocol):
@@ -435,13 +417,13 @@ def parse_time(text: str) -> datetime:
         raise ValueError(f"{text!r} is not an RFC 3339 time")
     normal = text.upper().replace("Z", "+00:00").replace(" ", "T")
     frac = re.search(r"\.(\d+)", normal)
-    if frac and len(frac.group(1)) > 6:  # Python keeps microseconds; drop the rest
-        normal = normal.replace(frac.group(0), "." + frac.group(1)[:6])
+    if frac:  # microseconds, exactly six digits: Python 3.9's fromisoformat takes no other count
+        normal = normal.replace(frac.group(0), "." + frac.group(1)[:6].ljust(6, "0"))
     return datetime.fromisoformat(normal)
 
 
 def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

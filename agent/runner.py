@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -208,7 +208,7 @@ def apply_locked(
                 fetcher=fetcher,
                 sink=sink,
                 restart=restart_with,
-                now=lambda: datetime.now(UTC),
+                now=lambda: datetime.now(timezone.utc),
                 in_wave=decision.in_wave,
             )
         finally:
@@ -266,7 +266,7 @@ class Runner:
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
-        self.clock = clock or (lambda: datetime.now(UTC))
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.mode = environment.detect(config.deployment_mode).mode
         # A delivered report may be what a commit waits for: it wakes the loop.
         self.wake = threading.Event()

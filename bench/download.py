@@ -29,7 +29,22 @@ Everything on 127.0.0.1, in one temporary directory that is removed at the end:
   ``fork``/``vfork`` + ``exec`` (Linux folds the old mm's peak into ``ru_maxrss``), while one forked
   by ``/usr/bin/time`` starts clean. The Python children also report their own ``VmHWM``.
 
+Whole process (issue 11), ``--agent-files`` (on by default): the update as a host runs it, a real
+agent file (``make agent-binary``) running ``FILE update --force`` against a signed manifest on
+the same nginx, interpreter start-up, imports, pre-flight, download, verification, smoke test
+(``<staged> version``) and swap included, from a warm code cache as on a running host; beside the
+same for the old shiv build (bench/agent_builds.py) and ``curl -o f && openssl dgst -sha256 f``:
+
+  file   this tree's agent file 1.0.0 updating to 2.0.0 (2.0.0 padded to the size: bench/agent_builds.py)
+  shiv   the old shiv build 1.0.0 updating to its 2.0.0, padded the same way
+  plain  ``curl -sS --fail -o f URL && openssl dgst -sha256 f`` (no sync: as the issue states it)
+
+  The target's directory is reset before each run (untimed): the old build back, no backup, no
+  state; the cache keeps the old build's unpacked code. Also shown: what each update left in the
+  code cache (shiv keeps the smoke test's extraction, named after the staged file).
+
 Targets (issue 6): ours <= curl + openssl, ours <= 0.6 x tuf, ours < 40 MiB peak RSS at 512 MiB.
+Targets (issue 11): file <= 0.9 x plain at 512 MiB, peak RSS < 40 MiB.
 It prints a table, appends it to ``bench/RESULTS.md`` and asserts nothing.
 """
 
@@ -52,6 +67,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from agent_builds import KINDS, build, cache_env, interpreter_note, pad, python3_dir
 from results import Report, append, command_line, heading, load_average, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +76,18 @@ PYTHON = sys.executable
 GNU_TIME = "/usr/bin/time"
 MIB = 1024 * 1024
 TOOLS = ("ours", "curl", "tuf", "wire")
+AGENT_TOOLS = ("file", "shiv", "plain")  # whole-process: `update --force`, and curl + openssl without sync
+KIND_OF = {"file": "new", "shiv": "old"}
+OLD, NEW = "1.0.0", "2.0.0"
 CHILD_TIMEOUT = 600
 LABELS = {
     "ours": "ours (agent)",
     "curl": "curl + openssl dgst + sync",
     "tuf": "python-tuf ngclient",
     "wire": "(floor: curl -o /dev/null)",
+    "file": "agent file `update --force` (this build)",
+    "shiv": "old shiv build `update --force`",
+    "plain": "curl -o f && openssl dgst -sha256 f",
 }
 
 
@@ -276,7 +298,7 @@ def nginx(www: Path, prefix: Path) -> Iterator[str]:
 # ================================================================ measuring
 
 
-def timed(cmd: list[str], workdir: Path) -> tuple[float, int, float, str]:
+def timed(cmd: list[str], workdir: Path, env: dict[str, str] | None = None) -> tuple[float, int, float, str]:
     """Run ``cmd`` under GNU time: (wall s, peak RSS KiB of its process tree, CPU s user+sys, stdout).
 
     Dirty pages left by the previous run are written back first (``sync``, not timed), so no
@@ -290,6 +312,8 @@ def timed(cmd: list[str], workdir: Path) -> tuple[float, int, float, str]:
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT,
+        env=env,
+        cwd=workdir,
         check=False,
     )
     wall = time.perf_counter() - started
@@ -327,8 +351,9 @@ class Bench:
             if tool == "wire":  # the floor: the transfer alone, nothing written, nothing hashed
                 wall, rss, cpu, _ = timed(["curl", "-sS", "--fail", "-o", "/dev/null", url], work)
                 return {"op": wall, "op_cpu": cpu, "wall": wall, "rss": rss, "cpu": cpu, "vmhwm": None}
-            if tool == "curl":
-                script = 'curl -sS --fail -o "$1" "$2" && openssl dgst -sha256 -r "$1" && sync "$1"'
+            if tool in ("curl", "plain"):
+                script = 'curl -sS --fail -o "$1" "$2" && openssl dgst -sha256 -r "$1"'
+                script += ' && sync "$1"' if tool == "curl" else ""
                 dest = work / "file"
                 wall, rss, cpu, stdout = timed(["sh", "-c", script, "sh", str(dest), url], work)
                 if stdout.split()[0].lower() != sha256:
@@ -353,10 +378,107 @@ class Bench:
             shutil.rmtree(work, ignore_errors=True)
 
 
+class AgentHost:
+    """One simulated host updating itself by hand: ``bin/avika-agent update --force``."""
+
+    def __init__(
+        self, kind: str, size: int, tmp: Path, www: Path, base: str, builds: dict[str, Path], signer: Any
+    ) -> None:
+        from agent import environment
+        from agent.manifest import Binary, Manifest, Rollout, sign_envelope
+
+        self.kind, self.size = kind, size
+        self.dir = tmp / "hosts" / f"{kind}-{size // MIB}MiB"
+        self.old = builds[f"{kind}-{OLD}"]
+        self.target = self.dir / "bin" / "avika-agent"
+        self.cache = self.dir / "cache"
+        self.config = self.dir / "avika-agent.conf"
+        site = f"{kind}-{size // MIB}MiB"
+        platform = environment.platform_key()
+        release = www / site / "release"
+        release.parent.mkdir(parents=True)
+        self.sha256 = pad(builds[f"{kind}-{NEW}"], release, size)
+        key = f"binaries/{NEW}/{self.sha256}/avika-agent-{platform}"
+        (www / site / key).parent.mkdir(parents=True)
+        os.link(release, www / site / key)
+        now = datetime.now(UTC)
+        manifest = Manifest(
+            serial=1,
+            version=NEW,
+            released_at=now - timedelta(minutes=1),
+            expires=now + timedelta(days=1),
+            binaries={platform: Binary(key, self.sha256, size)},
+            rollout=Rollout(100, NEW),
+        )
+        (www / site / "manifest.json").write_bytes(sign_envelope(manifest.to_payload(), [signer]))
+        for path in (www / site).rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (www / site).chmod(0o755)
+        self.keys = signer.public_key.b64
+        self.env = {
+            "PATH": f"{python3_dir(tmp)}{os.pathsep}/usr/bin:/bin",
+            "HOME": str(self.dir),
+            "LANG": "C.UTF-8",
+            "UPDATE_SERVER": f"{base}/{site}",
+            "UPDATE_TARGET": str(self.target),
+            "UPDATE_STATE_DIR": str(self.dir / "state"),
+            "BUFFER_DIR": str(self.dir / "data"),
+            "UPDATE_PUBLIC_KEYS": self.keys,
+            "AGENT_ID": "bench-host",
+            "DEPLOYMENT_MODE": "vm",
+            "UPDATE_REPORT_URL": "disabled",
+            "UPDATE_RESTART_METHOD": "exec",
+            **cache_env(KIND_OF.get(kind, kind), self.cache),
+        }
+        self.dir.mkdir(parents=True)
+        self.config.write_text("# settings come from the environment\n")
+        self.reset()
+        warm = subprocess.run([str(self.target), "version"], env=self.env, capture_output=True, text=True)
+        if warm.stdout.strip() != OLD:
+            raise SystemExit(f"{kind} {OLD} does not run: {warm.stderr.strip()[-500:]}")
+        self.warm = {p.name for p in self.cache.iterdir()}
+
+    def reset(self) -> None:
+        """The old build back, no backup, no state; what the last update left in the cache removed."""
+        shutil.rmtree(self.target.parent, ignore_errors=True)
+        shutil.rmtree(self.dir / "state", ignore_errors=True)
+        self.target.parent.mkdir()
+        shutil.copy2(self.old, self.target)
+        if self.cache.exists() and hasattr(self, "warm"):
+            for path in self.cache.iterdir():
+                if path.name not in self.warm:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def left_in_cache(self) -> int:
+        """Bytes of files the update added to the cache; a hard link to the old build's is no new file."""
+        seen = {
+            p.stat().st_ino
+            for p in self.cache.rglob("*")
+            if p.is_file() and p.relative_to(self.cache).parts[0] in self.warm
+        }
+        added = {}
+        for path in self.cache.rglob("*"):
+            if path.is_file() and path.relative_to(self.cache).parts[0] not in self.warm:
+                info = path.stat()
+                if info.st_ino not in seen:
+                    added[info.st_ino] = info.st_size
+        return sum(added.values())
+
+    def run(self) -> dict[str, Any]:
+        self.reset()
+        cmd = [str(self.target), "update", "--force", "--config", str(self.config)]
+        wall, rss, cpu, stdout = timed(cmd, self.dir, self.env)
+        answer = json.loads(stdout)
+        if answer.get("action") != "update" or self.target.stat().st_size != self.size:
+            raise RuntimeError(f"{self.kind}: the update did not happen: {stdout.strip()}")
+        left = self.left_in_cache()
+        return {"op": wall, "op_cpu": cpu, "wall": wall, "rss": rss, "cpu": cpu, "vmhwm": None, "left": left}
+
+
 def tuf_available() -> str | None:
     try:
         import securesystemslib  # noqa: F401
-        import tuf  # noqa: F401
+        import tuf.ngclient  # noqa: F401
     except ImportError as exc:
         return f"python-tuf is not installed ({exc}); `.venv/bin/pip install -e '.[dev]'`"
     return None
@@ -371,6 +493,12 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per tool and size; the median is shown")
     parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument(
+        "--agent-files",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time whole-process updates by real agent files, new and old (default: on)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -414,23 +542,45 @@ def main() -> int:
         (www / "manifest.json").write_text('{"stand-in": "the warm-up fetch of our child"}\n')
         (www / "manifest.json").chmod(0o644)
         root_json = build_tuf_repo(www, files) if "tuf" in tools else None
+        builds = {}
+        signer = None
+        if args.agent_files:
+            sys.path.insert(0, str(ROOT))
+            from agent.manifest import LocalSigner, generate_private_key
+
+            signer = LocalSigner(generate_private_key())
+            print("building the agent files (this tree's and the old shiv build) ...", flush=True)
+            for kind in KINDS:
+                for version in (OLD, NEW):
+                    dest = tmp / "builds" / f"{kind}-{version}"
+                    keys = signer.public_key.b64
+                    builds[f"{kind}-{version}"] = build(kind, version, keys, dest, tmp / "builds")
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         with nginx(www, tmp / "nginx") as base:
             bench = Bench(tmp, base, files, root_json)
+            hosts = {}
+            if args.agent_files:
+                for name, (_, size, _) in files.items():
+                    for tool, kind in KIND_OF.items():
+                        hosts[(tool, name)] = AgentHost(kind, size, tmp, www, base, builds, signer)
+            every = tools + (list(AGENT_TOOLS) if args.agent_files else [])
             for name in files:
                 subprocess.run(["curl", "-sS", "-o", "/dev/null", f"{base}/{name}"], check=True)  # warm
                 for run in range(args.runs):
-                    order = tools[run % len(tools) :] + tools[: run % len(tools)]
+                    order = every[run % len(every) :] + every[: run % len(every)]
                     for tool in order:
-                        result = bench.run(tool, name)
+                        result = hosts[(tool, name)].run() if (tool, name) in hosts else bench.run(tool, name)
                         results.setdefault((tool, name), []).append(result)
                         print(
-                            f"  {name} run {run + 1} {tool:<4} {result['op']:.3f} s, "
+                            f"  {name} run {run + 1} {tool:<5} {result['op']:.3f} s, "
                             f"peak RSS {result['rss'] / 1024:.1f} MiB",
                             flush=True,
                         )
         out()
         report(out, files, tools, results, args.runs)
+        if args.agent_files:
+            out()
+            whole_process(out, files, results, args.runs)
         for note in sorted(bench.notes):
             out(f"- {note}")
         if no_tuf:
@@ -516,6 +666,51 @@ def report(out: Report, files: dict[str, Any], tools: list[str], results: dict[A
     out("- peak RSS: GNU time %M (max over the tool's processes); own VmHWM: the Python child's /proc value.")
     out("- floor: the transfer alone over loopback (nothing hashed, nothing written), for scale.")
     out("- the served files sit in the page cache (warmed once); every tool writes to the same disk.")
+
+
+def whole_process(out: Report, files: dict[str, Any], results: dict[Any, Any], runs: int) -> None:
+    """The agent files' `update --force` beside curl + openssl (issue 11's targets)."""
+    rows, ratios = [], []
+    for name in files:
+        medians = {}
+        for tool in AGENT_TOOLS:
+            got = results[(tool, name)]
+            wall = statistics.median(r["wall"] for r in got)
+            rss = statistics.median(r["rss"] for r in got)
+            left = [r["left"] for r in got if "left" in r]
+            medians[tool] = (wall, rss)
+            rows.append(
+                [
+                    name,
+                    LABELS[tool],
+                    f"{wall:.3f} s",
+                    f"{statistics.median(r['cpu'] for r in got):.2f} s",
+                    f"{rss / 1024:.1f} MiB",
+                    f"{statistics.median(left) / MIB:.1f} MiB" if left else "-",
+                ]
+            )
+        plain = medians["plain"][0]
+        for tool in ("file", "shiv"):
+            wall, rss = medians[tool]
+            ok = "yes" if wall <= 0.9 * plain else f"NO ({wall / plain:.2f} > 0.9)"
+            rss_ok = "yes" if rss / 1024 < 40 else f"NO ({rss / 1024:.1f} MiB)"
+            ratios.append([name, LABELS[tool], f"{wall / plain:.2f}", ok, rss_ok])
+    out(f"Whole process: `update --force` of a release of that size, median of {runs}:")
+    out()
+    header = ["release", "tool", "wall", "CPU", "peak RSS", "left in the code cache"]
+    out.table(header, rows)
+    out()
+    out.table(["release", "tool", "/ plain", "<= 0.9", "RSS < 40 MiB"], ratios)
+    out()
+    out("- wall: the whole process (GNU time), from exec to exit; CPU: user + system of its tree.")
+    out(f"- {interpreter_note()}.")
+    out("- peak RSS: GNU time %M, the largest process of the tree (the agent, or its smoke test child).")
+    out(
+        "- left in the code cache: bytes an update added to the cache beside the old build's code "
+        "(hard links to it not counted): this build keeps the new build's code its smoke test unpacked, "
+        "for its first start after the swap (its native libraries are links to the old build's); "
+        "the old shiv build leaves the smoke test's extraction, which nothing uses or removes."
+    )
 
 
 if __name__ == "__main__":

@@ -1,29 +1,27 @@
 #!/usr/bin/env python3
-"""How much memory an agent needs to update to a big binary, and how fast the new version runs.
+"""How much memory an agent needs to update to a big release, and how fast the new version runs.
 
-    .venv/bin/python bench/update_memory.py [--size-mib 512] [--real-binary] [--keep] [--no-results]
+    .venv/bin/python bench/update_memory.py [--size-mib 512] [--kinds new,old] [--keep] [--no-results]
 
-What it does, all on 127.0.0.1 and in one temporary directory:
+For each kind of agent file (bench/agent_builds.py: ``new`` = this tree's ``make agent-binary``
+file, ``old`` = the shiv build before issue 11), all on 127.0.0.1 in one temporary directory:
 
-1. writes the new release: a runnable agent of SIZE MiB (a Python zipapp whose launcher sits
-   behind SIZE MiB of random padding, so ``FILE version`` still answers at once) and signs a
-   manifest for it, in the store layout, served by ``publisher.serve`` (the local CDN);
-2. starts the old agent (a small development build, or with ``--real-binary`` a ``make
-   agent-binary`` build) with ``run`` and the ``exec`` restart method;
-3. runs ``avika-agent update`` by hand: it downloads, verifies, stages, swaps, then signals the
-   running agent, which re-execs into the new binary (same PID);
+1. builds that kind's 1.0.0 and 2.0.0; 2.0.0, padded to SIZE MiB, is the release (a signed
+   manifest in the store layout, served by ``publisher.serve``, the local CDN);
+2. starts 1.0.0 with ``run`` and the ``exec`` restart method (``python3`` on PATH: this Python);
+3. runs ``avika-agent update`` by hand: it downloads, verifies, smoke-tests (``<staged> version``),
+   swaps, then signals the running agent, which re-execs into 2.0.0 (same PID); the new file finds
+   its code unpacked (the passing smoke test's unpacking was kept), the old shiv build extracts it;
 4. prints the peak RSS of the ``update`` process (``VmHWM``: polled from /proc every 5 ms, and as
    the process itself logged it at the swap), the time the transaction took, and the time from
-   the swap to the new version running (both ends read from the agents' JSON log lines, one
-   clock). ``ru_maxrss`` of the child is not used: Linux carries it across ``exec``, so it
-   reports this script's own image, which the child was forked from;
-5. puts swap -> running next to bare start-ups, each the median wall time of 5 fresh processes
-   (after one untimed warm-up run), with the same environment as the agent: the interpreter
-   importing exactly what the agent imports at start-up (``import agent.cli``: DESIGN section 4,
-   every module is imported there), the new binary's ``FILE version`` (interpreter start on the
-   big zipapp; it answers before importing the agent), and with ``--real-binary`` the built
-   binary's own ``FILE version`` (shiv's bootstrap, then the agent's imports), measured while it
-   is still the installed target.
+   the swap to the new version running and from its exec to running (both ends read from the
+   agents' JSON log lines, one clock). ``ru_maxrss`` of the child is not used: Linux carries it
+   across ``exec``, so it reports this script's own image, which the child was forked from;
+5. puts those next to bare start-ups, each the median wall time of 5 fresh processes (after one
+   untimed warm-up run) with the agent's environment: a bare interpreter importing what the agent
+   imports at start-up (``import agent.cli`` from a bytecode-compiled copy of this tree, with this
+   virtualenv's dependencies: DESIGN section 4, every module is imported there), and the built
+   1.0.0's own ``FILE version`` from its warm cache (its bootstrap, then the same imports).
 
 It prints figures, appends them to ``bench/RESULTS.md`` (unless ``--no-results``) and asserts
 nothing.
@@ -32,8 +30,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
+import compileall
 import json
 import os
 import select
@@ -45,10 +42,10 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from agent_builds import KINDS, LABELS, build, cache_env, interpreter_note, pad, python3_dir
 from results import Report, append, command_line, load_average
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,51 +54,23 @@ sys.path.insert(0, str(ROOT))
 from agent import environment  # noqa: E402
 from agent.manifest import Binary, LocalSigner, Manifest, Rollout, generate_private_key, sign_envelope  # noqa: E402
 from publisher.serve import make_server  # noqa: E402
-from tests.agent_harness import Host, dev_binary, wait_for  # noqa: E402
+from tests.agent_harness import Host, wait_for  # noqa: E402
 
 OLD, NEW = "1.0.0", "2.0.0"
-CHUNK = 8 << 20
 STARTUP_RUNS = 5
 STARTUP_TIMEOUT = 60
 # What the agent imports at start-up: agent.cli imports every module the agent needs (DESIGN 4);
-# then one line of output, the "ready" mark startup_seconds times.
-AGENT_IMPORTS = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import agent.cli; print('ready')"
+# then one line of output, the "ready" mark startup_seconds times. {src}: a compiled copy of the tree.
+AGENT_IMPORTS = "import sys; sys.path.insert(0, {src!r}); import agent.cli; print('ready')"
 
 
-def big_binary(path: Path, version: str, keys: str, size: int) -> str:
-    """A runnable agent of exactly ``size`` bytes; returns its sha256 (hashed while writing)."""
-    main = (
-        "import sys\n"
-        f"if sys.argv[1:2] == ['version']:\n    print({version!r}); sys.exit(0)\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import agent.buildinfo\n"
-        f"agent.buildinfo.VERSION = {version!r}\n"
-        f"agent.buildinfo.PUBLIC_KEYS = {keys!r}\n"
-        "from agent import cli\n"
-        "sys.exit(cli.main())\n"
-    )
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("__main__.py", main)
-    head = f"#!{sys.executable}\n".encode()
-    tail = archive.getvalue()
-    padding = size - len(head) - len(tail)
-    if padding < 0:
-        raise SystemExit(f"--size-mib too small: the launcher alone is {len(head) + len(tail)} bytes")
-    digest = hashlib.sha256()
-    with open(path, "wb") as fh:
-        for part in (head,):
-            fh.write(part)
-            digest.update(part)
-        while padding:
-            block = os.urandom(min(CHUNK, padding))
-            fh.write(block)
-            digest.update(block)
-            padding -= len(block)
-        fh.write(tail)
-        digest.update(tail)
-    path.chmod(0o755)
-    return digest.hexdigest()
+def compiled_copy(work: Path) -> Path:
+    """agent/ and infra/ with their bytecode (this tree's environment may forbid writing it)."""
+    src = work / "src"
+    for name in ("agent", "infra"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "_embedded.py"))
+    compileall.compile_dir(src, quiet=1)
+    return src
 
 
 def publish(store: Path, signer: LocalSigner, version: str, binary: Path, digest: str) -> None:
@@ -168,34 +137,8 @@ def startup_seconds(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[flo
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def env_python3(env: dict[str, str]) -> tuple[str, str]:
-    """What ``/usr/bin/env python3`` (the built binary's shebang) runs with ``env``: the file found
-    on PATH, and the interpreter it ends up as (differs when PATH has a wrapper, e.g. a pyenv shim)."""
-    found = shutil.which("python3", path=env.get("PATH")) or "python3"
-    done = subprocess.run(
-        [found, "-c", "import sys; print(sys.executable)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return found, done.stdout.strip()
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=512, help="size of the new binary (default 512)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
-    parser.add_argument(
-        "--real-binary",
-        action="store_true",
-        help="the updating (old) agent is a `make agent-binary` build, not a development launcher",
-    )
-    args = parser.parse_args()
+def measure(kind: str, args: argparse.Namespace, work: Path, src: Path, out: Report) -> None:
     size = args.size_mib << 20
-
-    work = Path(tempfile.mkdtemp(prefix="avika-bench-"))
     signer = LocalSigner(generate_private_key())
     keys = signer.public_key.b64
     store = work / "store" / "updates"
@@ -203,30 +146,27 @@ def main() -> int:
     server = make_server(work / "store", "127.0.0.1", 0)
     server.RequestHandlerClass.log_message = lambda *a, **k: None  # type: ignore[method-assign]
     threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
-    host = Host(
-        work / "host", f"{server.url}/updates", {"UPDATE_INTERVAL": "1h", "UPDATE_HEALTH_WINDOW": "1s"}
-    )
+    env_extra = {
+        "UPDATE_INTERVAL": "1h",
+        "UPDATE_HEALTH_WINDOW": "1s",
+        "UPDATE_RESTART_METHOD": "exec",
+        "PATH": f"{python3_dir(work)}{os.pathsep}/usr/bin:/bin",
+        **cache_env(kind, work / "host" / "cache"),
+    }
+    host = Host(work / "host", f"{server.url}/updates", env_extra)
     agent = None
-    out = Report()
-    load_at_start = load_average()
     try:
-        print(f"writing a {args.size_mib} MiB release in {work} ...", flush=True)
-        started = time.monotonic()
+        print(f"[{kind}] building {OLD} and {NEW}, writing a {args.size_mib} MiB release ...", flush=True)
+        builds = work / "builds"
+        old = build(kind, OLD, keys, builds / f"{kind}-{OLD}", builds)
+        new = build(kind, NEW, keys, builds / f"{kind}-{NEW}", builds)
         binary = work / "release" / "avika-agent"
         binary.parent.mkdir()
-        digest = big_binary(binary, NEW, keys, size)
-        print(f"  {size} bytes, sha256 {digest[:16]}..., {time.monotonic() - started:.1f}s", flush=True)
-
-        if args.real_binary:
-            host.env_extra["SHIV_ROOT"] = str(work / "shiv")
-            build = [sys.executable, str(ROOT / "packaging" / "build_agent.py"), "--version", OLD]
-            subprocess.run(
-                [*build, "--out", str(host.target), "--public-keys", keys], check=True, capture_output=True
-            )
-        else:
-            dev_binary(host.target, OLD, keys)
+        digest = pad(new, binary, size)
+        host.target.parent.mkdir(parents=True)
+        shutil.copy2(old, host.target)
         agent = host.start()
-        wait_for(lambda: host.running_version() == OLD, 30, "the old agent to run")
+        wait_for(lambda: host.running_version() == OLD, 60, "the old agent to run")
         # Bare start-ups, before anything is published (the old agent idles: interval 1 h).
         env = host.env()
         startups: list[tuple[str, tuple[float, float]]] = []
@@ -234,17 +174,9 @@ def main() -> int:
         def startup(label: str, cmd: list[str]) -> None:
             startups.append((label, startup_seconds(cmd, env, host.dir)))
 
-        imports = "fresh `python -c 'import agent.cli'`: interpreter + the agent's start-up imports"
-        startup(imports, [sys.executable, "-c", AGENT_IMPORTS])
-        zipapp = f"new binary `FILE version`: interpreter on the {args.size_mib} MiB zipapp, no agent imports"
-        startup(zipapp, [str(binary), "version"])
-        if args.real_binary:  # the installed target is still the built binary
-            found, interpreter = env_python3(env)
-            shiv = f"built binary `FILE version`: shiv bootstrap + the agent's imports (python3: {found})"
-            startup(shiv, [str(host.target), "version"])
-            if Path(found).resolve() != Path(interpreter).resolve():
-                direct = f"built binary `{interpreter} FILE version`: the same without the PATH wrapper"
-                startup(direct, [interpreter, str(host.target), "version"])
+        imports = "bare interpreter + the agent's start-up imports (`python -c 'import agent.cli'`, bytecode)"
+        startup(imports, [sys.executable, "-c", AGENT_IMPORTS.format(src=str(src))])
+        startup(f"{LABELS[kind]} {OLD} `FILE version`, warm cache", [str(host.target), "version"])
         publish(store, signer, NEW, binary, digest)
 
         with open(host.log_path, "ab") as log:
@@ -263,8 +195,8 @@ def main() -> int:
         elapsed = time.monotonic() - t0
         answer = update.stdout.read().decode() if update.stdout else ""
         if update.returncode != 0:
-            print(f"update failed ({update.returncode}): {answer}\n{host.log_text()[-3000:]}")
-            return 1
+            tail = host.log_text()[-3000:]
+            raise SystemExit(f"[{kind}] update failed ({update.returncode}): {answer}\n{tail}")
         result = json.loads(answer)
         wait_for(lambda: host.running_version() == NEW, 60, "the new version to run")
         swapped = log_time(
@@ -278,10 +210,9 @@ def main() -> int:
         wait_for(lambda: "committed" in host.chain(NEW), 60, "the commit")
 
         own = [line["peak_rss_kib"] for line in host.log_lines() if "peak_rss_kib" in line]
-        old_agent = "a `make agent-binary` build" if args.real_binary else "a development launcher"
-        out(f"New release: a {args.size_mib} MiB zipapp; the updating agent {OLD} is {old_agent}.")
+        out(f"### {LABELS[kind]}: {OLD} updating to a {args.size_mib} MiB {NEW}")
         out()
-        out(f"- update of {args.size_mib} MiB: {result['restart']} restart, took {elapsed:.1f} s")
+        out(f"- update of {args.size_mib} MiB: {result.get('restart')} restart, took {elapsed:.1f} s")
         out(f"- peak RSS of the update process, VmHWM polled every 5 ms: {peak / 1024:.1f} MiB")
         if own:
             out(f"- peak RSS of the update process, VmHWM it logged at the swap: {own[-1] / 1024:.1f} MiB")
@@ -302,22 +233,9 @@ def main() -> int:
                 rows.append([label, f"{ready:.3f} s", f"{seconds / ready:.2f}", by_exec, f"{wall:.3f} s"])
             header = ["start-up", "to running / ready", "swap -> running / this", "exec -> running / this"]
             out.table([*header, "to exit"], [row + [""] * (5 - len(row)) for row in rows])
-            out()
-            out(
-                f"Bare start-ups: median of {STARTUP_RUNS} fresh processes with the agent's environment, "
-                "after one untimed warm-up run, timed from the spawn to the first line the process "
-                "prints (its version, or `ready` after the imports), so the interpreter's teardown is "
-                "left out as it is from swap -> running; `to exit` adds it. Swap -> running also "
-                "holds the rest of the transaction after the swap and the signal to the running agent; "
-                "both it and exec -> running end at the new version's `running` log line, after its "
-                "imports and its start (config, state lock, pid record). Log times have 1 ms resolution."
-            )
         else:
             out("- swap -> new version running: not found in the log")
-        out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
-        if not args.no_results:
-            append(out.lines, title="bench/update_memory.py", command=command_line())
-        return 0
+        out()
     finally:
         for pid in host.processes():
             os.kill(pid, signal.SIGKILL)
@@ -325,6 +243,42 @@ def main() -> int:
             agent.wait(timeout=10)
         server.shutdown()
         server.server_close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="size of the new release (default 512)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="agent files to measure (default new,old)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
+    args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds takes {', '.join(KINDS)}")
+    work = Path(tempfile.mkdtemp(prefix="avika-bench-"))
+    out = Report()
+    load_at_start = load_average()
+    try:
+        src = compiled_copy(work)
+        for kind in kinds:
+            (work / kind).mkdir()
+            measure(kind, args, work / kind, src, out)
+        out(
+            f"Bare start-ups: median of {STARTUP_RUNS} fresh processes with the agent's environment, "
+            "after one untimed warm-up run, timed from the spawn to the first line the process "
+            "prints (its version, or `ready` after the imports), so the interpreter's teardown is "
+            "left out as it is from swap -> running; `to exit` adds it. Swap -> running also "
+            "holds the rest of the transaction after the swap and the signal to the running agent; "
+            "both it and exec -> running end at the new version's `running` log line, after its "
+            "imports and its start (config, state lock, pid record); the old shiv build's also "
+            "hold its extraction of the new build. Log times have 1 ms resolution."
+        )
+        out(f"Also: {interpreter_note()}.")
+        out(f"Load average at the start / the end: {load_at_start} / {load_average()}")
+        if not args.no_results:
+            append(out.lines, title="bench/update_memory.py", command=command_line())
+        return 0
+    finally:
         if args.keep:
             print(f"kept {work}")
         else:

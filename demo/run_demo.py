@@ -257,7 +257,7 @@ class Demo:
         self.committed_in_wave: dict[str, str] = {}
         self.canary_exit: int | None = None
         self.halt_serial: int | None = None
-        self._shiv_env: dict[str, str] = {}
+        self._run_env: dict[str, str] = {}
 
     @property
     def vms(self) -> list[Agent]:
@@ -400,7 +400,7 @@ class Demo:
             "(packaging/build_agent.py, as `make agent-binary` does)"
         )
         self.builds.mkdir()
-        self._shiv_env = self.shiv_env()
+        self._run_env = self.run_env()
         for version in (OLD, NEW, BAD):
             out = self.builds / (f"real-{version}" if version == BAD else f"avika-agent-{version}")
             done = self.run(*BUILD, "--version", version, "--out", str(out), "--public-keys", self.public_key)
@@ -413,12 +413,12 @@ class Demo:
             [str(broken), "version"],
             capture_output=True,
             text=True,
-            env=self._shiv_env,
+            env=self._run_env,
             timeout=60,
             check=False,
         )
         run = subprocess.run(
-            [str(broken), "run"], capture_output=True, text=True, env=self._shiv_env, timeout=60, check=False
+            [str(broken), "run"], capture_output=True, text=True, env=self._run_env, timeout=60, check=False
         )
         if smoke.stdout.strip() != BAD or run.returncode == 0:
             raise DemoError(f"the broken {BAD} does not behave: version -> {smoke!r}, run -> {run!r}")
@@ -428,20 +428,21 @@ class Demo:
         )
         note("every binary embeds the public key: the agents need no UPDATE_PUBLIC_KEYS")
 
-    def shiv_env(self) -> dict[str, str]:
+    def run_env(self) -> dict[str, str]:
         """The environment agents run in: ``python3`` on PATH is this interpreter's base (the binary's
-        shebang is ``/usr/bin/env python3``, and its native code needs the build's Python version)."""
+        shebang is ``/usr/bin/env python3``; any CPython 3.9 - 3.13 would do)."""
         python_dir = self.workdir / "python"
         python_dir.mkdir(exist_ok=True)
         (python_dir / "python3").symlink_to(Path(getattr(sys, "_base_executable", sys.executable)).resolve())
         return {
             "PATH": f"{python_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
             "LANG": "C.UTF-8",
-            "SHIV_ROOT": str(self.workdir / "shiv"),
+            "AVIKA_AGENT_CACHE": str(self.workdir / "cache"),  # the build step's own runs
         }
 
     def agent_env(self, agent: Agent) -> dict[str, str]:
-        return {**self._shiv_env, "HOME": str(agent.dir)}
+        # Each agent unpacks its code into its own cache, as on a host of its own (DESIGN section 4).
+        return {**self._run_env, "HOME": str(agent.dir), "AVIKA_AGENT_CACHE": str(agent.dir / "cache")}
 
     def release(self, version: str, *extra: str) -> dict[str, Any]:
         binary = self.builds / f"avika-agent-{version}"

@@ -24,6 +24,7 @@ from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import MODES, STATES, valid_agent_id
 from publisher import fleet as fleet_view
 from publisher import fleet_text
+from publisher import inspect as inspection
 from publisher import plan as planning
 from publisher import progress as progressing
 from publisher import release as publishing
@@ -312,6 +313,12 @@ def keygen(out: Path, as_json: bool) -> None:
     metavar="N",
     help="With --plan: ended attempts needed to advance (at most 90 % of the agents in the wave).",
 )
+@click.option(
+    "--no-inspect",
+    is_flag=True,
+    help="Do not check that each binary is an agent build of VERSION for its platform trusting this "
+    "release's keys (a foreign build, e.g. a Go agent).",
+)
 @resign_options
 @click.pass_context
 def release(
@@ -335,6 +342,7 @@ def release(
     soak: str,
     plan_max_failure_rate: str,
     plan_min_agents: int,
+    no_inspect: bool,
     public_keys: list,
     dry_run: bool,
     as_json: bool,
@@ -372,6 +380,7 @@ def release(
         rollout_plan=rollout_plan,
     )
     store, signers, invalidate = _publishing(dry_run, **signing)
+    unchecked = inspection.check_release(binaries, version, signers, inspect_files=not no_inspect)
     outcome = publishing.release(
         store,
         signers,
@@ -382,6 +391,24 @@ def release(
         invalidate=invalidate,
     )
     _print_outcome(outcome, as_json)
+    if unchecked and outcome.status == "published":
+        _note(unchecked)
+
+
+@main.command(name="inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def inspect_command(file: Path, as_json: bool) -> None:
+    """Print an agent file's build metadata (avika-build.json), read without running it.
+
+    Exit 2 if FILE is not an agent build. `--json`: the metadata, plus `file` and `native`
+    (machine -> number of native libraries inside).
+    """
+    build = inspection.inspect(file)
+    if as_json:
+        _print_json(build.to_json())
+    else:
+        click.echo("\n".join(inspection.describe(build)))
 
 
 def _given(ctx: click.Context, name: str) -> bool:

@@ -14,15 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import (
-    LocalSigner,
-    PublicKey,
-    Signer,
-    generate_private_key,
-    load_private_key_pem,
-    private_key_to_pem,
-    public_key_of,
-)
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.manifest import LocalSigner, PublicKey, Signer, generate_private_key, public_key_of
 from publisher.errors import PublishError, Refused
 
 
@@ -36,6 +31,23 @@ class KeyFileError(Refused):
     """A key file that cannot be used (missing, not Ed25519, or would be overwritten): exit 2."""
 
     code = "bad_key"
+
+
+def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def load_private_key_pem(data: bytes) -> Ed25519PrivateKey:
+    """Load an unencrypted PKCS#8 PEM; ``ValueError`` if it is not an Ed25519 private key."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"key is {type(key).__name__}, not Ed25519")
+    return key
 
 
 def load_key_file(path: str | Path) -> LocalSigner:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -212,7 +212,7 @@ class Release:
         salt: str = "",
         **fields: Any,
     ) -> Manifest:
-        now = now or datetime.now(UTC)
+        now = now or datetime.now(timezone.utc)
         digest = sha256(binary)
         binaries = {
             p: Binary(url=f"binaries/{version}/{digest}/avika-agent-{p}", sha256=digest, size=len(binary))

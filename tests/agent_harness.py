@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ class Site:
         options = dict(route or {})
         self.server.serve(path, options.pop("body", data), **options)
         self.binaries[path] = data
-        now = datetime.now(UTC)
+        now = datetime.now(timezone.utc)
         binary = Binary(
             url=path.removeprefix("/updates/"), sha256=digest or sha256(data), size=size or len(data)
         )
@@ -175,7 +175,7 @@ class Site:
         assert self.manifest is not None
         self.serial += 1
         fields = {f: getattr(self.manifest, f) for f in Manifest.__dataclass_fields__ if f != "raw"}
-        fields.update(serial=self.serial, expires=datetime.now(UTC) + timedelta(days=30), **changes)
+        fields.update(serial=self.serial, expires=datetime.now(timezone.utc) + timedelta(days=30), **changes)
         self.manifest = Manifest(**fields)
         self._sign(signers)
         return self.manifest
@@ -324,6 +324,7 @@ class Host:
             "UPDATE_MAX_BOOT_ATTEMPTS": "3",
             "UPDATE_REPORT_URL": "disabled",
             "AVIKA_LOG_FORMAT": "json",
+            "AVIKA_AGENT_CACHE": str(self.dir / "cache"),  # where a real agent file unpacks its code
         }
         env.update(self.env_extra)
         env.update(overrides)

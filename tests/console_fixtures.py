@@ -43,6 +43,7 @@ def release(root: Path, key: KeyFile, version: str, *args: str) -> None:
         str(key.path),
         "--store",
         str(root),
+        "--no-inspect",  # stand-in bytes, not an agent build
         *args,
     )
     assert done.exit_code == 0, done.stderr

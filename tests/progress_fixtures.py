@@ -95,8 +95,9 @@ class Site(Reporter):
         if not binary.exists():
             make_binary(binary, 2048, version)
         done = cli(
-            "release", version, "--binary", f"linux-amd64={binary}", "--init", *self.signing, "--json", *args
-        )
+            "release", version, "--binary", f"linux-amd64={binary}", "--init", "--no-inspect", *self.signing,
+            "--json", *args,
+        )  # fmt: skip
         assert done.exit_code == code, done.stderr
         return json.loads(done.stdout) if code == 0 else done
 

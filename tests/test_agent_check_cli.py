@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,14 @@ PLATFORM = environment.platform_key()
 OTHER_PLATFORM = "linux-riscv64"
 
 
+def cli_runner() -> CliRunner:
+    """stderr apart from stdout: click 8.2+ always, click 8.1 (what an agent file ships for 3.9) if asked."""
+    try:
+        return CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:
+        return CliRunner()
+
+
 class Agent:
     """One agent's environment: state dir, sidecar target, settings; runs `check` via CliRunner."""
 
@@ -76,7 +84,7 @@ class Agent:
         return envelope
 
     def run(self, *args: str, **env: str) -> tuple[int, Any, str]:
-        result = CliRunner().invoke(main, list(args), env={**self.env, **env}, catch_exceptions=False)
+        result = cli_runner().invoke(main, list(args), env={**self.env, **env}, catch_exceptions=False)
         out = result.stdout.strip()
         return result.exit_code, json.loads(out) if out.startswith("{") else out, result.stderr
 
@@ -114,7 +122,7 @@ def agent(tmp_path: Path, server: LocalServer, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_version_prints_the_version_and_nothing_else() -> None:
-    result = CliRunner().invoke(main, ["version"])
+    result = cli_runner().invoke(main, ["version"])
     assert (result.exit_code, result.stdout) == (0, buildinfo.VERSION + "\n")
 
 
@@ -260,7 +268,7 @@ def test_check_records_state(agent: Agent) -> None:
     assert len(state["highest_digest"]) == 64
     assert state["last_result"] == "update"
     assert state["last_error"] is None
-    assert datetime.fromisoformat(state["last_check"].replace("Z", "+00:00")) <= datetime.now(UTC)
+    assert datetime.fromisoformat(state["last_check"].replace("Z", "+00:00")) <= datetime.now(timezone.utc)
     assert (agent.state_dir / CACHED_ENVELOPE).read_bytes() == envelope
     # atomic writes leave no temp file behind (the state lock's file stays: it is never replaced)
     names = {p.name for p in agent.state_dir.iterdir()}
@@ -281,7 +289,7 @@ BAD_VERSIONS = [
 
 def remember_rollback(agent: Agent, reason: str, seconds_ago: int, binary: bytes = b"new agent\n") -> None:
     """state.json as a rollback of 0.1.44 (the Release default) ``seconds_ago`` leaves it."""
-    when = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    when = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
     state = AgentState(bad_versions=lifecycle.remember_bad([], "0.1.44", sha256(binary), reason, now=when))
     if reason not in lifecycle.PERMANENT_REASONS:  # as lifecycle.rollback records it: 120 s back-off
         state.attempts = lifecycle.record_failure({}, "0.1.44", sha256(binary), reason, now=when, interval=60)
@@ -451,7 +459,7 @@ def test_304_with_an_expired_cached_envelope_is_expired(agent: Agent) -> None:
     cfg = agent.config()
     assert check.check(cfg).status == 200
     with pytest.raises(ManifestError) as err:
-        check.check(cfg, now=datetime.now(UTC) + timedelta(hours=2))
+        check.check(cfg, now=datetime.now(timezone.utc) + timedelta(hours=2))
     assert err.value.code == "expired"
     assert agent.server.count() == 2
     assert agent.server.requests[1].headers["if-none-match"]  # the server said 304: not modified
@@ -708,7 +716,7 @@ def test_an_expired_cached_envelope_still_rebuilds_the_serial(agent: Agent) -> N
     older = agent.release.envelope(serial=8)
     publish(agent.server, older)
     with pytest.raises(ManifestError) as err:
-        check.check(cfg, now=datetime.now(UTC) + timedelta(hours=3))  # the cache has expired by then
+        check.check(cfg, now=datetime.now(timezone.utc) + timedelta(hours=3))  # the cache has expired by then
     assert err.value.code == "serial_rollback"
 
 

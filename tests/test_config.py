@@ -558,7 +558,7 @@ def test_a_config_file_that_exposes_the_token_or_the_keys_is_named(
     path = Path("/etc/avika/avika-agent.conf")
     warnings = config.file_mode_warnings(path, 0o100000 | mode, 1000 if own_group else 0, 1000, token)
     assert len(warnings) == len(expected)
-    for fragment, warning in zip(expected, warnings, strict=True):
+    for fragment, warning in zip(expected, warnings):
         assert fragment in warning and str(path) in warning and f"{mode:04o}" in warning
         assert "chmod" in warning
 

@@ -33,10 +33,11 @@ import pytest
 import reports_fixtures
 from reports_fixtures import LambdaContext, bearer, create_table
 
-from agent.manifest import LocalSigner, load_private_key_pem, verify_manifest
+from agent.manifest import LocalSigner, verify_manifest
 from infra.reports import console_lambda
 from infra.reports import handler as lambda_handler
 from infra.reports.dynamodb import AUDIT_PK
+from publisher.signing import load_private_key_pem
 from publisher.store_url import open_store
 from tests.publisher_fixtures import REPO, KeyFile, cli, make_binary, new_key_file
 
@@ -131,7 +132,7 @@ def cloud(aws: None, clean_config: None, monkeypatch: pytest.MonkeyPatch, tmp_pa
     make_binary(binary, 4096, "0.1.44")
     done = cli(
         "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "25", "--init",
-        "--key", str(key.path), "--store", STORE,
+        "--key", str(key.path), "--store", STORE, "--no-inspect",
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr
     for name in ("AVIKA_KMS_KEY_ID", "AVIKA_PUBLIC_KEYS", "AVIKA_CLOUDFRONT_DISTRIBUTION_ID"):

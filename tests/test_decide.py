@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -48,7 +48,7 @@ def manifest(
     downgrade: bool = False,
     sha: str = SHA_AMD64,
 ) -> Manifest:
-    now = datetime(2026, 3, 1, tzinfo=UTC)
+    now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     return Manifest(
         serial=7,
         version=version,

@@ -338,7 +338,8 @@ def published_store(tmp_path: Path) -> Iterator[dict[str, object]]:
     env |= {"AVIKA_STORE": str(store), "AVIKA_SIGNING_KEY": str(key), "AVIKA_FLEET_SECRET": uuid.uuid4().hex}
     release = run(
         [str(BIN / "avika-publish"), "release", "0.1.44", "--init", "--image", "hellodk/avika-agent:0.1.44"]
-        + [f"--binary=linux-{arch}={stub}" for arch in ("amd64", "arm64")],
+        + [f"--binary=linux-{arch}={stub}" for arch in ("amd64", "arm64")]
+        + ["--no-inspect"],  # a shell stub, not an agent build
         env,
     )
     assert release.returncode == 0, release.stderr

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from agent.manifest import Binary, Manifest, format_time
 from agent.state import AgentState, load_state, save_state
 from tests.agent_fixtures import sha256
 
-NOW = datetime(2026, 2, 15, 20, 0, 0, tzinfo=UTC)
+NOW = datetime(2026, 2, 15, 20, 0, 0, tzinfo=timezone.utc)
 OLD, NEW = b"#!/bin/sh\necho 1.0.0\n", b"#!/bin/sh\necho 1.1.0\n"
 CONTRACT_FIELDS = {
     "from_version",

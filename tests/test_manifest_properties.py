@@ -19,7 +19,7 @@ import base64
 import contextlib
 import json
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urljoin
 
@@ -48,7 +48,7 @@ from agent.manifest import (
     verify_manifest,
 )
 
-NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
 SIGNER = LocalSigner(KEY)
 TRUSTED = [public_key_of(KEY)]
@@ -105,9 +105,9 @@ json_like = st.recursive(
 )
 # Times that stress the parser: the edges of the calendar and of the offsets.
 times = st.one_of(
-    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)).map(
-        lambda d: d.isoformat()
-    ),
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(timezone.utc)
+    ).map(lambda d: d.isoformat()),
     st.builds(
         "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}{}".format,
         st.sampled_from([0, 1, 2026, 9999]),
@@ -257,7 +257,7 @@ versions = st.builds(
     st.sampled_from(["", "rc1", "a2", "b3", ".post1", ".dev4"]),
 )
 seconds = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(timezone.utc)
 ).map(lambda d: d.replace(microsecond=0))
 # Where the envelopes are served from, and the one other origin UPDATE_BINARY_ORIGINS allows.
 SERVED_FROM = "https://updates.example.com/avika/manifest.json"

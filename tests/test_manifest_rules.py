@@ -22,12 +22,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from packaging.version import InvalidVersion, Version
 
@@ -42,14 +41,12 @@ from agent.manifest import (
     PublicKey,
     TrustState,
     key_id,
-    load_private_key_pem,
     manifest_url,
     normalize_version,
     pae,
     parse_manifest,
     parse_public_keys,
     parse_version,
-    private_key_to_pem,
     public_key_of,
     resolve_url,
     sign_envelope,
@@ -57,7 +54,7 @@ from agent.manifest import (
     verify_manifest,
 )
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 # Where the envelopes of these tests are served from: the origin binary URLs may use.
 SERVED_FROM = "https://updates.example.com/avika/manifest.json"
 NO_TRUST = TrustState()
@@ -627,7 +624,7 @@ def test_every_field_is_read() -> None:
         **obj,
         "binaries": {k: dict(v) for k, v in sorted(obj["binaries"].items())},
     }
-    assert manifest.signed_at == datetime(2026, 2, 20, 8, 30, tzinfo=UTC)
+    assert manifest.signed_at == datetime(2026, 2, 20, 8, 30, tzinfo=timezone.utc)
     assert manifest.rollout_plan == m.RolloutPlan(steps=(1, 10, 50, 100), soak="2h", max_failure_rate="0.05")
     assert manifest.rollout_plan.soak_seconds == 7200
 
@@ -794,8 +791,8 @@ def test_times_with_offsets_and_fractions_are_instants() -> None:
             )
         )
     )
-    assert manifest.released_at == datetime(2026, 2, 15, 20, 0, 0, 123456, tzinfo=UTC)
-    assert manifest.expires == datetime(2026, 3, 17, 20, 0, tzinfo=UTC)
+    assert manifest.released_at == datetime(2026, 2, 15, 20, 0, 0, 123456, tzinfo=timezone.utc)
+    assert manifest.expires == datetime(2026, 3, 17, 20, 0, tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------- expiry
@@ -1145,39 +1142,6 @@ def test_the_first_failing_rule_is_the_error(data: bytes, kw: dict[str, Any], co
 
 
 # ---------------------------------------------------------------- keys
-
-
-def test_private_key_pem_round_trips() -> None:
-    pem = private_key_to_pem(K1)
-    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
-    loaded = load_private_key_pem(pem)
-    assert public_key_of(loaded) == P1
-    assert LocalSigner(loaded).sign(b"x") == K1.sign(b"x")
-
-
-@pytest.mark.parametrize(
-    "pem",
-    [
-        pytest.param(b"not a pem", id="garbage"),
-        pytest.param(
-            ec.generate_private_key(ec.SECP256R1()).private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            id="an EC key",
-        ),
-        pytest.param(
-            K1.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(b"secret"),
-            ),
-            id="an encrypted key",
-        ),
-    ],
-)
-def test_loading_anything_but_an_unencrypted_ed25519_pem_is_a_value_error(pem: bytes) -> None:
-    with pytest.raises(ValueError):
-        load_private_key_pem(pem)
 
 
 def test_public_key_base64_is_the_raw_32_bytes_and_key_id_their_sha256() -> None:

@@ -173,6 +173,7 @@ def release(
         store,
         "--endpoint-url",
         endpoint,
+        "--no-inspect",  # a development launcher, not an agent build
         "--json",
         env=env,
         cwd=binary.parent,

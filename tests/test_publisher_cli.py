@@ -62,6 +62,7 @@ def release_args(env: dict, version: str = "0.1.44", *extra: str) -> list[str]:
         "--store",
         str(env["store"]),
         "--init",
+        "--no-inspect",  # stand-in bytes, not agent builds (publisher/inspect.py has its own tests)
         *extra,
     ]
 
@@ -182,12 +183,12 @@ def test_more_invalid_input_exits_2(env: dict, argv: list[str], message: str) ->
 
 
 def test_release_without_a_key_exits_2(env: dict) -> None:
-    result = cli("release", "0.1.44", *env["binaries"], "--store", str(env["store"]))
+    result = cli("release", "0.1.44", *env["binaries"], "--store", str(env["store"]), "--no-inspect")
     assert result.exit_code == 2 and "no signing key" in result.stderr
 
 
 def test_signing_key_comes_from_the_environment(env: dict) -> None:
-    result = cli("release", "0.1.44", *env["binaries"], "--init", env={
+    result = cli("release", "0.1.44", *env["binaries"], "--init", "--no-inspect", env={
         "AVIKA_SIGNING_KEY": str(env["key"].path), "AVIKA_STORE": str(env["store"])})  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert live(env).serial == 1

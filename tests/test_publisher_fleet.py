@@ -332,7 +332,7 @@ def released(tmp_path: Path) -> tuple[Path, Any]:
     binary = tmp_path / "dist" / "avika-agent"
     make_binary(binary, 4096, "0.1.44")
     done = cli(
-        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "10", "--init",
+        "release", "0.1.44", "--binary", f"linux-amd64={binary}", "--rollout", "10", "--init", "--no-inspect",
         "--key", str(key.path), "--store", str(root),
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr
@@ -374,8 +374,9 @@ def test_halt_refuses_when_another_version_is_live(
     newer = tmp_path / "dist" / "avika-agent-0.1.45"
     make_binary(newer, 4096, "0.1.45")
     done = cli(
-        "release", "0.1.45", "--binary", f"linux-amd64={newer}", "--key", str(key.path), "--store", str(root)
-    )
+        "release", "0.1.45", "--binary", f"linux-amd64={newer}", "--key", str(key.path), "--store", str(root),
+        "--no-inspect",
+    )  # fmt: skip
     assert done.exit_code == 0, done.stderr
     canary_fleet(sqlite_fleet, committed=0, failed=3, rolled_back=0)
     unchanged = snapshot(root)

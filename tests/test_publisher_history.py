@@ -58,7 +58,7 @@ class Site:
     def release(self, version: str, *extra: str) -> None:
         binaries = [f"--binary={p}={self.build(version, p)}" for p in ("linux-amd64", "linux-arm64")]
         image = ["--image", f"hellodk/avika-agent:{version}"]
-        done = cli("release", version, *binaries, *image, "--init", *self.args(*extra))
+        done = cli("release", version, *binaries, *image, "--init", "--no-inspect", *self.args(*extra))
         assert done.exit_code == 0, done.stderr
 
     def live(self) -> Any:
@@ -241,7 +241,7 @@ def test_rollback_to_takes_the_newest_bytes_of_a_version_replaced_with_force(sit
     arm = site.build("0.1.43", "linux-arm64")
     done = cli(
         "release", "0.1.43", f"--binary=linux-amd64={forced}", f"--binary=linux-arm64={arm}", "--downgrade",
-        "--force", *site.args(),
+        "--force", "--no-inspect", *site.args(),
     )  # fmt: skip
     assert done.exit_code == 0, done.stderr
     site.release("0.1.44")

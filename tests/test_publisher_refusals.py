@@ -57,7 +57,7 @@ def signing(seeded: dict[str, Any], *extra: str) -> list[str]:
 
 def release(seeded: dict[str, Any], *extra: str, platforms: tuple[str, ...] = ("linux-amd64",)) -> Any:
     binaries = [f"--binary={p}={seeded['builds'][p]}" for p in platforms]
-    return cli("release", "0.1.45", *binaries, *signing(seeded), *extra)
+    return cli("release", "0.1.45", *binaries, "--no-inspect", *signing(seeded), *extra)
 
 
 def contents(root: Path) -> dict[str, str]:
@@ -90,7 +90,7 @@ def test_a_store_url_that_came_out_as_none_starts_no_new_fleet(tmp_path: Path) -
     key = new_key_file(tmp_path)
     build = tmp_path / "avika-agent"
     make_binary(build, 3000, "0.1.44")
-    args = ["release", "0.1.44", f"--binary=linux-amd64={build}", "--key", str(key.path)]
+    args = ["release", "0.1.44", f"--binary=linux-amd64={build}", "--no-inspect", "--key", str(key.path)]
     runner = CliRunner()
     with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
         env = {name: None for name in os.environ if name.startswith("AVIKA_")}
@@ -118,7 +118,11 @@ def test_init_is_harmless_on_a_store_that_exists(seeded: dict[str, Any]) -> None
 def test_platform_names_other_than_linux_amd64_and_arm64_are_refused(seeded: dict, platform: str) -> None:
     before = contents(seeded["root"])
     result = cli(
-        "release", "0.1.45", f"--binary={platform}={seeded['builds']['linux-amd64']}", *signing(seeded)
+        "release",
+        "0.1.45",
+        f"--binary={platform}={seeded['builds']['linux-amd64']}",
+        "--no-inspect",
+        *signing(seeded),
     )
     refused(result, repr(platform), "linux-amd64, linux-arm64")
     assert contents(seeded["root"]) == before

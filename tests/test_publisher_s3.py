@@ -220,7 +220,7 @@ def env(tmp_path: Path) -> dict[str, Any]:
 
 
 def release_args(env: dict[str, Any], version: str = "0.1.44", *extra: str, store: str = STORE) -> list[str]:
-    """A release that may start the store (``--init``)."""
+    """A release that may start the store (``--init``), of stand-in bytes (``--no-inspect``)."""
     return [
         "release",
         version,
@@ -230,6 +230,7 @@ def release_args(env: dict[str, Any], version: str = "0.1.44", *extra: str, stor
         "--store",
         store,
         "--init",
+        "--no-inspect",
         *extra,
     ]
 

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.manifest import (
     PAYLOAD_TYPE,
+    LocalSigner,
     generate_private_key,
-    load_private_key_pem,
     pae,
     public_key_of,
     sign_envelope,
@@ -36,7 +36,9 @@ from publisher.signing import (
     KmsSigner,
     SigningError,
     load_key_file,
+    load_private_key_pem,
     load_signers,
+    private_key_to_pem,
     write_new_key,
 )
 from publisher.stores import DirStore
@@ -199,3 +201,42 @@ def test_signing_needs_at_least_one_key(tmp_path: Path) -> None:
     signers = load_signers([str(tmp_path / "a.pem"), str(tmp_path / "b.pem")], [KEY_ID])
     assert [type(s).__name__ for s in signers] == ["LocalSigner", "LocalSigner", "KmsSigner"]
     assert snapshot(tmp_path).keys() == {"a.pem", "b.pem"}
+
+
+# ---------------------------------------------------------------- key files (PEM)
+
+
+K1 = generate_private_key()
+
+
+def test_private_key_pem_round_trips() -> None:
+    pem = private_key_to_pem(K1)
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    loaded = load_private_key_pem(pem)
+    assert public_key_of(loaded) == public_key_of(K1)
+    assert LocalSigner(loaded).sign(b"x") == K1.sign(b"x")
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        pytest.param(b"not a pem", id="garbage"),
+        pytest.param(
+            ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            id="an EC key",
+        ),
+        pytest.param(
+            K1.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            ),
+            id="an encrypted key",
+        ),
+    ],
+)
+def test_loading_anything_but_an_unencrypted_ed25519_pem_is_a_value_error(pem: bytes) -> None:
+    with pytest.raises(ValueError):
+        load_private_key_pem(pem)

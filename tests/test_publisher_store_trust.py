@@ -177,7 +177,16 @@ def test_a_signed_envelope_of_another_key_does_not_count_for_the_serial(site: Si
     forged = replace(site.manifests[0], serial=MAX_SERIAL, raw=b"")
     site.publish_by_hand(forged, [intruder])  # manifest.json and manifests/<2^53-1>.json
 
-    result = ok(cli("release", "0.1.45", "--binary", f"linux-amd64={site.build('0.1.45')}", *site.signing()))
+    result = ok(
+        cli(
+            "release",
+            "0.1.45",
+            "--binary",
+            f"linux-amd64={site.build('0.1.45')}",
+            "--no-inspect",
+            *site.signing(),
+        )
+    )
 
     live = site.live()
     assert (live.serial, live.version, live.reports_url) == (2, "0.1.45", REPORTS)
@@ -209,7 +218,16 @@ def test_an_unsigned_live_edit_cannot_redirect_reports_or_raise_the_serial(site:
     envelope["payload"] = base64.b64encode(evil.to_payload()).decode()
     site.store.put_mutable("manifest.json", json.dumps(envelope).encode())
 
-    result = ok(cli("release", "0.1.45", "--binary", f"linux-amd64={site.build('0.1.45')}", *site.signing()))
+    result = ok(
+        cli(
+            "release",
+            "0.1.45",
+            "--binary",
+            f"linux-amd64={site.build('0.1.45')}",
+            "--no-inspect",
+            *site.signing(),
+        )
+    )
 
     live = site.live()
     assert (live.serial, live.reports_url) == (2, REPORTS)
@@ -220,7 +238,16 @@ def test_a_live_manifest_signed_by_another_key_cannot_redirect_reports(site: Sit
     intruder = new_signer()
     site.publish_by_hand(replace(site.manifests[0], serial=7, reports_url=EVIL_REPORTS, raw=b""), [intruder])
 
-    ok(cli("release", "0.1.45", "--binary", f"linux-amd64={site.build('0.1.45')}", *site.signing()))
+    ok(
+        cli(
+            "release",
+            "0.1.45",
+            "--binary",
+            f"linux-amd64={site.build('0.1.45')}",
+            "--no-inspect",
+            *site.signing(),
+        )
+    )
 
     live = site.live()
     assert live.reports_url == REPORTS and live.serial == 2  # 7 is taken, 2 is free
@@ -233,7 +260,15 @@ def test_with_nothing_verifiable_a_release_needs_reports_url(tmp_path: Path) -> 
     key = new_key_file(tmp_path)
     build = tmp_path / "dist" / "amd64"
     make_binary(build, 3000, "0.1.45")
-    release = ["release", "0.1.45", "--binary", f"linux-amd64={build}", "--key", str(key.path)]
+    release = [
+        "release",
+        "0.1.45",
+        "--binary",
+        f"linux-amd64={build}",
+        "--no-inspect",
+        "--key",
+        str(key.path),
+    ]
     before = {k: hashlib.sha256(store.read(k)).hexdigest() for k in store.list("")}
 
     refused = cli(*release, "--store", str(store.root))
@@ -260,7 +295,16 @@ def test_an_older_signed_manifest_put_back_is_never_re_signed(site: Site) -> Non
     assert "manifests/3.json (serial 3, 0.1.44) verifies and is newer" in result.stderr
     assert site.contents() == before
     # A release is not steered by it either: it is checked against, and numbered above, serial 3.
-    ok(cli("release", "0.1.45", "--binary", f"linux-amd64={site.build('0.1.45')}", *site.signing()))
+    ok(
+        cli(
+            "release",
+            "0.1.45",
+            "--binary",
+            f"linux-amd64={site.build('0.1.45')}",
+            "--no-inspect",
+            *site.signing(),
+        )
+    )
     assert site.live().serial == 4
 
 
@@ -282,7 +326,16 @@ def test_a_foreign_binary_url_signed_with_the_real_key_is_never_re_signed(site: 
 
     assert refused.exit_code == 3 and "bad_url" in refused.stderr
     assert site.contents() == before
-    ok(cli("release", "0.1.45", "--binary", f"linux-amd64={site.build('0.1.45')}", *site.signing()))
+    ok(
+        cli(
+            "release",
+            "0.1.45",
+            "--binary",
+            f"linux-amd64={site.build('0.1.45')}",
+            "--no-inspect",
+            *site.signing(),
+        )
+    )
     live = site.live()
     assert live.serial == 3 and live.binaries["linux-amd64"].url.startswith("binaries/0.1.45/")
 
@@ -301,7 +354,7 @@ def test_a_rotation_believes_the_old_keys_envelopes_only_when_told(site: Site) -
     build = site.build("0.1.45")
     new_key = ["--key", str(rotated.path), "--store", site.url]
 
-    refused = cli("release", "0.1.45", "--binary", f"linux-amd64={build}", *new_key)
+    refused = cli("release", "0.1.45", "--binary", f"linux-amd64={build}", "--no-inspect", *new_key)
     assert refused.exit_code == 2 and "--trusted-key" in refused.stderr
 
     ok(
@@ -310,6 +363,7 @@ def test_a_rotation_believes_the_old_keys_envelopes_only_when_told(site: Site) -
             "0.1.45",
             "--binary",
             f"linux-amd64={build}",
+            "--no-inspect",
             *new_key,
             "--trusted-key",
             site.key.public.b64,

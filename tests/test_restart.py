@@ -319,7 +319,7 @@ def test_unit_pair_declares_start_limits_the_watchdog_and_the_rollback_unit():
         "Restart=on-failure",
         "OnFailure=avika-agent-rollback.service",
         "Environment=UPDATE_RESTART_METHOD=systemd",
-        "Environment=SHIV_ROOT=/var/lib/avika-agent/shiv",
+        "CacheDirectory=avika-agent",
     ):
         assert re.search(rf"^{re.escape(line)}$", agent, re.M), line
     assert re.search(r"^StartLimitIntervalSec=\d+", agent, re.M) and re.search(

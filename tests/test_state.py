@@ -26,7 +26,7 @@ import tempfile
 import textwrap
 import threading
 from dataclasses import asdict, fields, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +350,7 @@ state_like = st.fixed_dictionaries(
 
 def use_every_field(state: AgentState) -> None:
     """What the agent's readers do with a loaded state; none of it may raise."""
-    now = datetime(2026, 3, 1, tzinfo=UTC)
+    now = datetime(2026, 3, 1, tzinfo=timezone.utc)
     lifecycle.blocked_pairs(state, now=now)
     lifecycle.record_failure(state.attempts, "0.1.44", "a" * 64, "fetch_failed", now=now, interval=60)
     lifecycle.remember_bad(state.bad_versions, "0.1.44", "a" * 64, "too_many_boots", now=now)
@@ -581,7 +581,7 @@ def test_a_waiting_transaction_proceeds_once_the_holder_is_done(tmp_path: Path) 
 HAMMER = textwrap.dedent(
     """
     import sys
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
     from pathlib import Path
     from agent import lifecycle
     from agent.config import AgentConfig
@@ -595,7 +595,7 @@ HAMMER = textwrap.dedent(
     )
     print("ready", flush=True)
     sys.stdin.readline()  # start together
-    now = datetime(2026, 2, 15, tzinfo=UTC)
+    now = datetime(2026, 2, 15, tzinfo=timezone.utc)
     for n in range(rounds):
         if role == "attempts":
             lifecycle._fail_attempt(config, "1.1.0", "a" * 64, "fetch_failed", f"try {n}", "downloading", now)

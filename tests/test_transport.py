@@ -94,7 +94,7 @@ def _cert(
     signer: ec.EllipticCurvePrivateKey,
     **kw: object,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))

@@ -101,7 +101,7 @@ def test_happy_path_with_real_agent_binaries_and_avika_publish_serve(tmp_path):
     out = run_tool(str(bin_dir / "avika-publish"), "keygen", "--out", str(key), cwd=tmp_path).stdout
     public = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("public key"))
     store = tmp_path / "store"
-    host = Host(tmp_path / "host", "", {"SHIV_ROOT": str(tmp_path / "shiv")})
+    host = Host(tmp_path / "host", "")
     release = tmp_path / "dist" / f"avika-agent-{PLATFORM}"
     for version, path in (("1.0.0", host.target), ("1.1.0", release)):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def parse_secrets(value: str | None) -> list[bytes]:
     if len(parts) > MAX_SECRETS:
         raise ConfigError(f"fleet secret holds {len(parts)} values; expected 'current' or 'current,previous'")
     secrets = [part.encode("utf-8") for part in parts]
-    for name, secret in zip(("current", "previous"), secrets, strict=False):
+    for name, secret in zip(("current", "previous"), secrets):
         if len(secret) < MIN_SECRET_BYTES:
             raise ConfigError(f"{name} fleet secret is shorter than {MIN_SECRET_BYTES} bytes")
     return secrets

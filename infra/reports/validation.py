@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 MAX_EVENTS = 100
@@ -84,7 +84,7 @@ def parse_rfc3339(value: str) -> datetime | None:
     zone = m.group(8)
     try:
         if zone in ("Z", "z"):
-            tz = UTC
+            tz = timezone.utc
         else:
             sign = -1 if zone[0] == "-" else 1
             offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))

@@ -24,8 +24,9 @@ import base64
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,9 @@ def at(delta: timedelta) -> str:
 
 
 def utc(text: str) -> str:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Six fraction digits: Python 3.9's fromisoformat takes no other count.
+    text = re.sub(r"\.(\d+)", lambda m: "." + m[1][:6].ljust(6, "0"), text.replace("Z", "+00:00"))
+    return datetime.fromisoformat(text).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def expected_fields(obj: dict[str, Any]) -> dict[str, Any]:
