@@ -15,13 +15,8 @@ kubeconfig, exactly as it would watch a real API server:
 The cluster follows its own store (``kube/updates``, signed with the demo's key), so the act can
 replay 0.1.44 and 0.1.45 whenever it runs; in production one store serves VMs and clusters alike.
 
-From ``demo/run_demo.py`` (after its own steps, with its key, reports endpoint and processes)::
-
-    from demo import kube_act
-    kube_act.run_act(kube_act.ActEnv(
-        workdir=self.workdir, key=self.key, public_key=self.public_key,
-        reports_url=f"{self.url}/v1/reports", reports=self.reports, env=self.tool_env(),
-        start=self.procs.start, quick=self.quick), step=9)
+``demo/run_demo.py`` runs it after the VM fleet's acts (``Demo.step_kubernetes``), with its key,
+reports endpoint and process table, so ``fleet`` shows the workload beside the VM agents.
 
 Standalone: ``python demo/kube_act.py --dir DIR [--quick]`` makes its own key and reports endpoint.
 """
@@ -421,6 +416,9 @@ def daemonset() -> dict[str, Any]:
             "numberReady": len(NODES),
         },
     }
+
+
+STEPS = 5  # narrated steps: set-up, first wave, full rollout, bad release, fleet
 
 
 def run_act(env: ActEnv, step: int = 1) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The demo's rollout-plan act: a release that climbs by itself, and a bad one that stops itself.
 
 Called by ``demo/run_demo.py`` with its running demo (``run(demo)``), after step 3 (0.1.43 live,
-the fleet running it, ``serve`` up), in place of the hand-driven steps 4-7:
+the fleet running it, ``serve`` up):
 
 1. 0.1.44 is released with a plan (``release --plan 25,50,100 --soak 3s``) and
    ``avika-publish progress`` runs every second, as the hourly maintenance job would run it: it
@@ -179,6 +179,9 @@ def run(demo: Demo, number: int = 4) -> int:
         if any(r["version"] == bad and r["rollout"] not in (first, 0) for r in rows):
             raise demo_error(f"{bad} went past its first step")
         note(f"{bad}: {_timeline(demo, bad)}; no canary or halt typed by anyone")
+        demo.show_chain(canaries[0], bad)
+        note(f"{canaries[0].agent_id}'s log ({canaries[0].log.relative_to(demo.workdir)}), from the swap on:")
+        print(indent(demo.log_excerpt(canaries[0], f"-> {bad}")), flush=True)
         demo.wait_for(
             f"every VM agent to see the halted manifest (serial {demo.halt_serial})", _settled(demo)
         )
@@ -203,31 +206,3 @@ def _settled(demo: Demo) -> Any:
         return out
 
     return late
-
-
-# ---------------------------------------------------------------- on its own
-
-
-def _main_with_plan(demo: Demo) -> dict[str, Any]:
-    """``Demo.main`` with this act in place of the hand-driven steps 4-7."""
-    story = _story(demo)
-    demo.step_key()
-    demo.step_build()
-    demo.step_fleet()
-    number = run(demo, 4)
-    story.say(f"{number}. Summary: each agent's version history and where it stands now")
-    summary = demo.summary()
-    problems = demo.check_story(summary)
-    summary.update(canary_exit=demo.canary_exit, halt_serial=demo.halt_serial, problems=problems)
-    (demo.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if problems:
-        raise story.DemoError("the story did not happen as told:\n" + "\n".join(problems))
-    story.note(f"checked: every VM agent runs {story.NEW}, climbed by the plan; {story.BAD} halted itself")
-    return summary
-
-
-if __name__ == "__main__":  # `python demo/plan_act.py [--quick] [--dir D]`: the demo with this act
-    import run_demo
-
-    run_demo.Demo.main = _main_with_plan  # type: ignore[method-assign]
-    sys.exit(run_demo.main())

@@ -1,24 +1,31 @@
-"""`make demo`: a signed, staged release reaching a fleet of real agents, and a bad one stopping itself.
+"""`make demo`: signed releases reach a fleet of real agents and a cluster; bad ones stop themselves.
 
 On loopback only, with no AWS and nothing downloaded at run time. Everything it writes lands
 under one folder (``demo-run/`` by default, or ``--dir``), which it names at the start and wipes
 first. The story:
 
 1. an Ed25519 signing key (``avika-publish keygen``);
-2. three agent binaries built by ``packaging/build_agent.py`` (what ``make agent-binary`` runs),
+2. three agent files built by ``packaging/build_agent.py`` (what ``make agent-binary`` runs),
    the public key embedded: 0.1.43, 0.1.44, and a broken 0.1.45 (the real 0.1.45 build behind a
    launcher that answers ``version`` but exits 1 when started to run);
 3. 0.1.43 published, ``avika-publish serve`` (store + reports endpoint into SQLite) and a fleet
-   of real ``avika-agent run`` processes, each with its own copy of the 0.1.43 binary, state dir
-   and enrolment token; two run in container mode;
-4. 0.1.44 at 25 %, then ``rollout 100``: the VM agents update themselves (download, verify, swap,
-   exec, watch, commit), the containers report ``update_available``;
-5. 0.1.45 at 25 %: the canaries' watchdogs roll it back on their own, ``avika-publish canary
-   --halt`` stops the rollout, and every other agent stays on 0.1.44;
-6. a per-agent summary (version history from the reports store, ``avika-agent status --json``);
-7. every process it started is stopped, on success, on error, on Ctrl-C or SIGTERM.
+   of real ``avika-agent run`` processes, each with its own copy of the 0.1.43 file, state dir
+   and enrolment token; some run in container mode;
+4-5. the rollout-plan act (``demo/plan_act.py``): 0.1.44 is released with a plan of 25, 50 and
+   100 % and climbs by itself while ``avika-publish progress`` runs as the hourly job would (VM
+   agents download, verify, swap, exec, watch, commit; containers report ``update_available``);
+   the broken 0.1.45 with the same plan: the canaries' watchdogs roll it back on their own and
+   ``progress`` halts it at its first step, with no human command;
+6-10. the Kubernetes act (``demo/kube_act.py``): ``avika-controller`` rolls a DaemonSet of 8
+   simulated nodes to 0.1.44 in waves, one pod at a time, and rolls a crash-looping 0.1.45 back;
+   its reports land beside the VM agents';
+11. a per-agent summary (version history from the reports store, ``avika-agent status --json``);
+12. the web console (``avika-publish serve --console``): its URL and a read token; on a terminal it
+   keeps serving until Ctrl-C;
+13. every process it started is stopped, on success, on error, on Ctrl-C or SIGTERM.
 
-``--quick`` runs a smaller fleet with shorter intervals (CI runs it as a test).
+``--quick`` runs a smaller fleet with shorter intervals and does not wait at the console (CI runs
+it as a test).
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import kube_act  # demo/kube_act.py: the Kubernetes act
+import plan_act  # demo/plan_act.py: the rollout-plan act
 
 from agent.environment import platform_key
 from agent.manifest import rollout_bucket
@@ -257,6 +267,8 @@ class Demo:
         self.committed_in_wave: dict[str, str] = {}
         self.canary_exit: int | None = None
         self.halt_serial: int | None = None
+        self.kube_summary: dict[str, Any] = {}
+        self.next_step = 1  # the number of the step the closing lines print
         self._run_env: dict[str, str] = {}
 
     @property
@@ -548,104 +560,6 @@ class Demo:
         note(f"nothing to do on {OLD}, so nothing to report yet:")
         self.show_fleet()
 
-    def step_first_wave(self) -> None:
-        wave = [a for a in self.vms if a.in_wave(NEW)]
-        names = ", ".join(a.agent_id for a in wave)
-        say(
-            f"4. Publish {NEW} to {FIRST_WAVE} % of the fleet: "
-            f"the VM agents in the wave ({names}) update themselves"
-        )
-        out = self.release(NEW, "--rollout", str(FIRST_WAVE), "--changelog", "Fixed WAL directory creation")
-        note(f"published {NEW} as serial {out['serial']}, rollout {FIRST_WAVE} %")
-        self.wait_for(
-            f"{len(wave)} VM agent(s) in the {FIRST_WAVE} % wave to commit {NEW}",
-            self.not_committed(wave, NEW),
-        )
-        self.wait_for(f"the containers to report {NEW} available", self.not_reported_available(NEW))
-        note(
-            "the containers never swap: they report update_available with the image for the operator to roll"
-        )
-        for agent in wave:
-            self.committed_in_wave[agent.agent_id] = f"in the {FIRST_WAVE} % wave"
-            self.show_chain(agent, NEW)
-        self.show_fleet()
-
-    def step_full_rollout(self) -> None:
-        rest = [a for a in self.vms if a.agent_id not in self.committed_in_wave]
-        say(f"5. Widen {NEW} to 100 % (avika-publish rollout 100): the other {len(rest)} VM agents follow")
-        out = json.loads(self.publish("rollout", "100", *self.signing(), "--json").stdout)
-        note(f"re-signed as serial {out['serial']}, rollout 100 %")
-        self.wait_for(f"every VM agent to commit {NEW}", self.not_committed(self.vms, NEW))
-        for agent in rest:
-            self.committed_in_wave[agent.agent_id] = "at 100 %"
-        self.show_fleet()
-
-    def step_bad_release(self) -> None:
-        canaries = [a for a in self.vms if a.in_wave(BAD)]
-        if not canaries:
-            raise DemoError(f"no VM agent is in {BAD}'s {FIRST_WAVE} % wave: pick other agent ids")
-        names = ", ".join(a.agent_id for a in canaries)
-        say(
-            f"6. Publish the broken {BAD} to {FIRST_WAVE} %: "
-            f"canaries {names} install it, it dies, they roll back on their own"
-        )
-        out = self.release(
-            BAD, "--rollout", str(FIRST_WAVE), "--changelog", "Broken on purpose: exits 1 on start"
-        )
-        note(f"published {BAD} as serial {out['serial']}, rollout {FIRST_WAVE} %")
-
-        def not_rolled_back() -> list[Agent]:
-            rows = self.rows()
-            return [
-                a
-                for a in canaries
-                if (r := rows.get(a.agent_id)) is None
-                or (r["state"], r["target_version"], r["version"]) != ("rolled_back", BAD, NEW)
-            ]
-
-        self.wait_for(f"the {len(canaries)} canaries to roll {BAD} back", not_rolled_back)
-        self.show_chain(canaries[0], BAD)
-        note(f"{canaries[0].agent_id}'s log ({canaries[0].log.relative_to(self.workdir)}), from the swap on:")
-        print(indent(self.log_excerpt(canaries[0], f"-> {BAD}")), flush=True)
-        self.show_fleet()
-
-        judge = f"canary {BAD} --max-failure-rate 0.05 --min-agents {len(canaries)} --halt"
-        say(f"7. Judge {BAD} from the reports and stop its rollout: avika-publish {judge}")
-        done = self.publish(
-            "canary", BAD, "--reports", self.reports, "--max-failure-rate", "0.05",
-            "--min-agents", str(len(canaries)), "--halt", *self.signing(), ok=(0, 4, 5),
-        )  # fmt: skip
-        self.canary_exit = done.returncode
-        print(indent(done.stdout + done.stderr))
-        note(f"exit {done.returncode} (5 = over the threshold: the rollout is halted)")
-        if done.returncode != 5:
-            raise DemoError(f"canary exited {done.returncode}, not 5")
-        manifest = self.manifest()
-        self.halt_serial = manifest["serial"]
-        percent = manifest["rollout"]["percent"]
-        note(
-            f"avika-publish show --json: version {manifest['version']}, "
-            f"serial {manifest['serial']}, rollout {percent} %"
-        )
-        if percent != 0:
-            raise DemoError(f"the manifest is at rollout {percent} %, not 0")
-
-        def not_settled() -> list[Agent]:
-            late = []
-            for agent in self.vms:
-                state = read_json(agent.state_dir / "state.json")
-                seen = state.get("highest_serial") if isinstance(state, dict) else None
-                if seen != self.halt_serial or (agent.state_dir / "pending.json").exists():
-                    late.append(agent)
-            return late
-
-        self.wait_for(f"every VM agent to see the halted manifest (serial {self.halt_serial})", not_settled)
-        others = [a.agent_id for a in self.vms if not a.in_wave(BAD)]
-        note(
-            f"{', '.join(others)}: saw serial {self.halt_serial} ({BAD} at 0 %), not in the wave, still {NEW}"
-        )
-        self.show_fleet()
-
     def show_chain(self, agent: Agent, version: str) -> None:
         """The states ``agent`` reported for ``version``, as the reports store holds them."""
         chain = [e["state"] for e in self.agent_events(agent) if e.get("target_version") == version]
@@ -752,22 +666,42 @@ class Demo:
         self.step_key()
         self.step_build()
         self.step_fleet()
-        self.step_first_wave()
-        self.step_full_rollout()
-        self.step_bad_release()
-        say("8. Summary: each agent's version history and where it stands now")
+        number = plan_act.run(self, 4)
+        number = self.step_kubernetes(number)
+        say(f"{number}. Summary: each agent's version history and where it stands now")
+        self.next_step = number + 1
         summary = self.summary()
         problems = self.check_story(summary)
         summary.update(canary_exit=self.canary_exit, halt_serial=self.halt_serial, problems=problems)
+        summary["kubernetes"] = self.kube_summary
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if problems:
             raise DemoError("the story did not happen as told:\n" + "\n".join(problems))
         rolled = len([a for a in summary["agents"] if "rolled_back" in a["states"]])
         note(
-            f"checked: every VM agent runs {NEW}; {rolled} canaries rolled {BAD} back on their own; "
-            f"its rollout is halted at 0 %; the containers only reported"
+            f"checked: every VM agent runs {NEW}, climbed by its plan; {rolled} canaries rolled {BAD} back "
+            f"on their own and progress halted it at 0 %; the containers only reported; the cluster's "
+            f"DaemonSet moved in waves and rolled {BAD} back by itself"
         )
         return summary
+
+    def step_kubernetes(self, number: int) -> int:
+        """The container half: avika-controller rolls a DaemonSet of 8 simulated nodes (demo/kube_act.py)."""
+        env = kube_act.ActEnv(
+            workdir=self.workdir,
+            key=self.key,
+            public_key=self.public_key,
+            reports_url=f"{self.url}/v1/reports",
+            reports=self.reports,
+            env=self.tool_env(),
+            start=self.procs.start,
+            quick=self.quick,
+        )
+        try:
+            self.kube_summary = kube_act.run_act(env, step=number)
+        except kube_act.ActError as exc:
+            raise DemoError(f"the Kubernetes act: {exc}") from None
+        return number + kube_act.STEPS
 
 
 # ---------------------------------------------------------------- entry point
@@ -793,7 +727,8 @@ def serve_console(demo: Demo, *, wait: bool) -> str:
     """
     import urllib.request
 
-    say("The console: the same fleet in a browser (avika-publish serve --console)")
+    say(f"{demo.next_step}. The console: the same fleet in a browser (avika-publish serve --console)")
+    demo.next_step += 1
     read, operate = secrets.token_hex(16), secrets.token_hex(16)
     env = {
         **demo.tool_env(),
@@ -867,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         count = demo.procs.stop(demo.agents)
         left = demo.procs.ours()
         print(
-            f"\n==> 9. Stop every process the demo started "
+            f"\n==> {demo.next_step}. Stop every process the demo started "
             f"({count} pids recorded in {demo.procs.record.name}): "
             + (f"STILL RUNNING: {left}" if left else "none left"),
             flush=True,
