@@ -20,10 +20,11 @@ them), and three derived fields:
   store's own filter (stored times are fixed-width RFC 3339, so they compare as text).
 - ``update_available``: the agent was offered a version it does not run and is not installing it
   now, i.e. ``target_version`` is set, differs from ``version`` (compared as versions, so
-  ``v0.1.44`` = ``0.1.44``; a downgrade counts), and ``state`` is not an install step in progress
-  (``downloading`` .. ``watching``). This covers a container (or ``signal-only``) agent reporting
-  ``update_available`` for a newer image, and a VM whose attempt failed or rolled back (it still
-  runs the old version). ``checking`` and check failures carry no target: false.
+  ``v0.1.44`` = ``0.1.44``; a downgrade counts), and ``state`` is neither an install step in
+  progress (``downloading`` .. ``watching``) nor ``rolled_back`` (that version is recorded as bad
+  and never tried again: the row is a failure, not a pending update). This covers a container (or
+  ``signal-only``) agent reporting ``update_available`` for a newer image, and a VM whose attempt
+  failed (it retries). ``checking`` and check failures carry no target: false.
 - ``last_error``: when the latest state is ``failed`` or ``rolled_back``, ``"<failed_state>: <error>"``
   (either part alone when the other is missing, the state name when both are), else null.
 
@@ -72,6 +73,9 @@ from publisher.errors import PublishError, Refused
 from publisher.stores import Store
 
 IN_PROGRESS = ("downloading", "verifying", "staged", "restarting", "watching")
+# States in which the offered version is not pending: being installed now, or rolled back (the agent,
+# or the controller, recorded it as bad and never installs it again).
+NOT_PENDING = (*IN_PROGRESS, "rolled_back")
 ENDED = ("committed", "failed", "rolled_back")
 FAILURES = ("failed", "rolled_back")
 FLEET_FIELDS = (
@@ -215,7 +219,7 @@ def is_stale(row: dict[str, Any], cutoff: str) -> bool:
 def update_available(row: dict[str, Any]) -> bool:
     """See the module docstring: offered a version it does not run, and not installing it now."""
     target = row.get("target_version")
-    if target is None or row.get("state") in IN_PROGRESS:
+    if target is None or row.get("state") in NOT_PENDING:
         return False
     return not same_version(target, row.get("version"))
 
@@ -282,7 +286,7 @@ class FleetFilter:
             state=self.state,
             mode=self.mode,
             seen_before=cutoff if self.stale else None,
-            not_states=IN_PROGRESS if available else (),
+            not_states=NOT_PENDING if available else (),
             target_differs=available,
         )
 

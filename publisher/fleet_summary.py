@@ -34,7 +34,7 @@ from infra.reports.validation import MODES, STATES
 from publisher.fleet import (
     DEFAULT_STALE_AFTER,
     FAILURES,
-    IN_PROGRESS,
+    NOT_PENDING,
     PROGRESS,
     epoch_seconds,
     fleet_row,
@@ -159,7 +159,7 @@ def pass_in_store(
     containers: list[dict[str, Any]] = []
     if any(g[0] == "container" and _available(g) for g in groups):
         # A superset in SQL (another version as text, no install in progress); the rule decides.
-        candidates = Where(mode="container", target_differs=True, not_states=IN_PROGRESS)
+        candidates = Where(mode="container", target_differs=True, not_states=NOT_PENDING)
         for _, row in store.scan(where=candidates):
             view = fleet_row(row, cutoff)
             if view["update_available"] and view["mode"] == "container":

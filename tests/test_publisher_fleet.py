@@ -160,7 +160,7 @@ EXPECTED_FLEET = {
         row(
             "vm-b",
             state="rolled_back",
-            update_available=True,
+            update_available=False,  # 0.1.44 is recorded as bad there: a failure, not pending
             last_error="watching: too_many_boots: 4 boots without a commit",
         ),
         row("vm-d", state="downloading"),
@@ -211,7 +211,7 @@ def test_fleet_text_is_an_aligned_table_with_counts(sqlite_fleet: Fleet) -> None
     assert "versions: 0.1.43 4, 0.1.44 1" in lines
     assert "states:   committed 1, downloading 1, failed 1, rolled_back 1, update_available 1" in lines
     assert "containers to roll: ctr-c -> ghcr.io/avika/agent:0.1.44" in lines
-    assert lines[-1] == "5 agent(s), 2 with an update available, 0 silent for over 3h"
+    assert lines[-1] == "5 agent(s), 1 with an update available, 0 silent for over 3h"
     assert "\x1b[" not in result.stdout  # not a terminal: no colour
 
 
@@ -223,6 +223,7 @@ def test_fleet_text_is_an_aligned_table_with_counts(sqlite_fleet: Fleet) -> None
         ({"state": "watching", "version": "0.1.44"}, False),  # installing now
         ({"state": "downloading"}, False),
         ({"state": "failed", "failed_state": "verifying", "error": "checksum_mismatch: x"}, True),
+        ({"state": "rolled_back", "failed_state": "watching", "error": "too_many_boots"}, False),  # bad
         ({"state": "committed", "version": "0.1.44"}, False),
         ({"state": "checking", "target_version": None}, False),
         ({"state": "update_available", "target_version": "0.1.40"}, True),  # a signed downgrade
@@ -480,7 +481,8 @@ def test_agents_reporting_through_serve_show_up_in_fleet_and_canary(tmp_path: Pa
         "committed",
         False,
     )
-    assert by_id["vm-2"]["state"] == "rolled_back" and by_id["vm-2"]["update_available"]
+    # 0.1.44 is recorded as bad on vm-2: a failure to look at, not a pending update.
+    assert by_id["vm-2"]["state"] == "rolled_back" and by_id["vm-2"]["update_available"] is False
     assert by_id["vm-2"]["last_error"] == "watching: died_before_commit: exit 1"
     assert (by_id["ctr-1"]["mode"], by_id["ctr-1"]["state"], by_id["ctr-1"]["update_available"]) == (
         "container",
@@ -534,20 +536,23 @@ def test_filters_select_by_state_version_mode_staleness_and_update(any_fleet: Fl
     mixed_fleet(any_fleet)
     any_fleet.now = NOW - 5 * 3600
     any_fleet.report("old-1", "committed", version="v0.1.44", target_version="0.1.44")
+    any_fleet.now = NOW
+    # A failed download is retried: 0.1.44 is still pending there (vm-b rolled it back: it is not).
+    any_fleet.report("vm-f", "failed", failed_state="downloading", error="download_failed: reset")
 
     def ids(*args: str) -> list[str]:
         return [a["agent_id"] for a in fleet_json(any_fleet, *args)["agents"]]
 
     assert ids("--state", "rolled_back") == ["vm-b"]
     assert ids("--version", "0.1.44") == ["old-1", "vm-a"]  # v0.1.44 is 0.1.44
-    assert ids("--version", "v0.1.43") == ["ctr-c", "vm-b", "vm-d", "vm-e"]
+    assert ids("--version", "v0.1.43") == ["ctr-c", "vm-b", "vm-d", "vm-e", "vm-f"]
     assert ids("--mode", "container") == ["ctr-c"]
     assert ids("--stale") == ["old-1"]
-    assert ids("--update-available") == ["ctr-c", "vm-b"]
-    assert ids("--mode", "vm", "--update-available") == ["vm-b"]
+    assert ids("--update-available") == ["ctr-c", "vm-f"]
+    assert ids("--mode", "vm", "--update-available") == ["vm-f"]
     assert ids("--state", "committed", "--stale") == ["old-1"]
     view = fleet_json(any_fleet, "--mode", "vm", "--version", "0.1.43")
-    assert view["versions"] == {"0.1.43": 3}
+    assert view["versions"] == {"0.1.43": 4}
     assert cli("fleet", "--reports", any_fleet.url, "--state", "committed", "--mode", "container").stdout == (
         "no agents match\n"
     )
