@@ -13,12 +13,12 @@ replaced during an update, so nothing may be imported lazily afterwards (DESIGN 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
 
 from agent import buildinfo, check, commands, config, environment, fetch, manifest
+from agent.logs import log_to_stderr
 from agent.options import config_option, fail, load_config, print_json
 
 log = logging.getLogger("agent")
@@ -35,29 +35,6 @@ def deployment_override(path: Path | None) -> str | None:
         return config.from_values({"DEPLOYMENT_MODE": value, "UPDATE_MODE": "disabled"}).deployment_mode
     except config.ConfigError as exc:
         fail(exc, json_error=False)
-
-
-class StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            stream = sys.stderr
-            stream.write(self.format(record) + "\n")
-            stream.flush()  # a stream that is not line-buffered (click 8.1's test runner) keeps nothing back
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(level: int) -> None:
-    root = logging.getLogger()
-    root.setLevel(level)
-    if not any(isinstance(h, StderrHandler) for h in root.handlers):
-        root.addHandler(StderrHandler())
 
 
 def print_version(ctx: click.Context) -> None:
@@ -84,7 +61,7 @@ def print_version(ctx: click.Context) -> None:
 )
 def main(log_level: str) -> None:
     """Avika agent updates: check, verify and apply signed releases."""
-    setup_logging(getattr(logging, log_level.upper()))
+    log_to_stderr(getattr(logging, log_level.upper()))
 
 
 @main.command()

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import click
 
 from agent.fetch import DownloadError
+from agent.logs import log_to_stderr
 from agent.manifest import ManifestError, PublicKey, parse_duration, parse_time
 from controller import buildinfo, config, manifests
 from controller.config import ConfigError, trusted_keys
@@ -67,30 +68,13 @@ def fail(exc: BaseException, *, as_json: bool) -> NoReturn:
     sys.exit(exit_code_for(exc))
 
 
-class StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time (click's test runner swaps it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:
-            self.handleError(record)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True, help="Logs go to stderr."
 )
 def main(log_level: str) -> None:
     """Roll the Avika agent's pods in waves from the signed manifest (DESIGN section 10)."""
-    root = logging.getLogger()
-    root.setLevel(getattr(logging, log_level.upper()))
-    if not any(isinstance(h, StderrHandler) for h in root.handlers):
-        root.addHandler(StderrHandler())
+    root = log_to_stderr(getattr(logging, log_level.upper()))
     for chatty in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one INFO line per request otherwise
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
