@@ -128,6 +128,12 @@ class Stalled(FetchFailed):
         super().__init__(message, retryable=True)
 
 
+class DownloadStopped(DownloadError):
+    """The caller's ``stop`` event was set: the download was given up on purpose, mid-stream."""
+
+    code = "download_stopped"
+
+
 class DownloadTimeout(DownloadError):
     """The download (resumes and waits included) did not finish within ``UPDATE_DOWNLOAD_TIMEOUT``."""
 
@@ -248,6 +254,7 @@ class _Progress:
     offset: int
     hasher: PipelinedHasher
     received: int = 0  # bytes received over all attempts (progress, even after a restart)
+    stop: threading.Event | None = None  # set by the caller: give up at the next piece
 
     def restart(self) -> None:
         self.offset = 0
@@ -391,7 +398,14 @@ class Fetcher(abc.ABC):
     # -- binaries
 
     def download(
-        self, url: str, dest: int | IO[bytes], size: int, sha256: str, resume_from: int = 0
+        self,
+        url: str,
+        dest: int | IO[bytes],
+        size: int,
+        sha256: str,
+        resume_from: int = 0,
+        *,
+        stop: threading.Event | None = None,
     ) -> DownloadResult:
         """Stream ``url`` into ``dest`` (a file descriptor or a binary file of a regular file).
 
@@ -399,6 +413,8 @@ class Fetcher(abc.ABC):
         position does not matter; with ``resume_from`` > 0 the bytes already there are read back
         and hashed, so ``dest`` must then be readable too. The file is cut to ``size`` at the end.
         It is not fsynced: that is the caller's step, as is removing the file after an error.
+        ``stop``, once set (from another thread), ends the transfer at its next piece with
+        :class:`DownloadStopped`.
         """
         if size < 1 or not 0 <= resume_from <= size:
             raise ValueError(f"bad download bounds: size={size}, resume_from={resume_from}")
@@ -410,7 +426,7 @@ class Fetcher(abc.ABC):
         budget = Budget.lasting(
             self.download_timeout, idle=self.stall_timeout, connect=self.connect_timeout, clock=self._clock
         )
-        progress = _Progress(resume_from, PipelinedHasher())
+        progress = _Progress(resume_from, PipelinedHasher(), stop=stop)
         try:
             return self._download(url, fd, size, sha256, progress, budget)
         except DeadlineExceeded:
@@ -496,6 +512,8 @@ class Fetcher(abc.ABC):
                 raise _status_error(url, response.status)
             writeback = _WriteBack(fd, progress.offset)
             for chunk in response.chunks:
+                if progress.stop is not None and progress.stop.is_set():
+                    raise DownloadStopped(f"{redact(url)}: stopped after {progress.offset} of {size} bytes")
                 if progress.offset + len(chunk) > size:
                     raise SizeExceeded(f"{redact(url)} sent more than the manifest's {size} bytes")
                 _pwrite_all(fd, chunk, progress.offset)

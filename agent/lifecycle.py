@@ -95,7 +95,7 @@ from typing import Any
 from agent import cache, install
 from agent.config import AgentConfig
 from agent.events import EventSink
-from agent.fetch import ChecksumMismatch, DownloadError, Fetcher
+from agent.fetch import ChecksumMismatch, DownloadError, DownloadStopped, Fetcher
 from agent.manifest import MAX_SERIAL, Manifest, format_time, parse_time, resolve_url
 from agent.state import (
     AgentState,
@@ -599,7 +599,8 @@ class UpdateInProgress(Exception):
 class Steps:
     """The install steps, each replaceable (tests inject faults; Elastic's upgrade.go shape)."""
 
-    preflight: Callable[[Path, int], Path] = install.preflight
+    preflight: Callable[[Path, int], Path] = install.check_room
+    ask_owner: Callable[[Path, Path], install.OwnerQuery] = install.OwnerQuery
     cleanup: Callable[..., list[Path]] = install.cleanup_stale
     stage: Callable[[Path, str, Callable[[int], object]], Path] = install.stage
     smoke_test: Callable[[Path, str], None] = install.smoke_test
@@ -670,16 +671,24 @@ def apply_update(
     staged: Path | None = None
     try:
         target = steps.preflight(config.target, binary.size)
+        owner = steps.ask_owner(config.target, target)  # answered while the download runs
         steps.cleanup(target, before=started)
         url = resolve_url(manifest_url, binary.url)
         log.info("downloading %s (%d bytes) next to %s", url, binary.size, target)
         try:
             staged = steps.stage(
-                target, manifest.version, lambda fd: fetcher.download(url, fd, binary.size, binary.sha256)
+                target,
+                manifest.version,
+                lambda fd: fetcher.download(url, fd, binary.size, binary.sha256, stop=owner.claimed),
             )
+        except DownloadStopped:
+            owner.check()  # raises why it stopped: a package owns the target
+            raise
         except ChecksumMismatch:
+            owner.check()
             tracker.post(Event.DONE)  # every byte arrived; the digest is what failed
             raise
+        owner.check()
         tracker.post(Event.DONE)
         steps.smoke_test(staged, manifest.version)
         tracker.post(Event.DONE)

@@ -498,6 +498,7 @@ class Demo:
         for agent, token in zip(self.agents, tokens, strict=True):
             agent.target.parent.mkdir(parents=True)
             shutil.copy2(self.builds / f"avika-agent-{OLD}", agent.target)
+            agent.config.touch(mode=0o600)  # it holds the report token: the agent warns otherwise
             agent.config.write_text(
                 f"# {agent.agent_id}, written by demo/run_demo.py (syntax of /etc/avika/avika-agent.conf)\n"
                 f"AGENT_ID={agent.agent_id}\n"

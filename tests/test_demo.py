@@ -160,6 +160,10 @@ def test_quick_demo_tells_the_whole_story(tmp_path: Path) -> None:
         target = workdir / "hosts" / agent_id / "bin" / "avika-agent"
         assert target.read_bytes() == (builds / f"avika-agent-{OLD}").read_bytes(), agent_id
         assert not target.with_name("avika-agent.backup").exists()
+    for agent_id in (*vms, *containers):  # each host's config holds its token: only the agent reads it
+        host = workdir / "hosts" / agent_id
+        assert (next(host.glob("*.conf")).stat().st_mode & 0o077) == 0, agent_id
+        assert "holds UPDATE_REPORT_TOKEN" not in (host / "agent.log").read_text(), agent_id
 
     # The reports store holds the story.
     db = workdir / "reports.db"

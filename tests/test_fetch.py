@@ -411,6 +411,37 @@ def test_download_is_written_in_chunks_never_whole(tmp_path: Path) -> None:
     assert pulled == [i * 65536 for i in range(len(pieces))]  # written before the next was pulled
 
 
+def test_a_set_stop_event_ends_the_download_at_the_next_piece(tmp_path: Path) -> None:
+    # The update's package query sets it from another thread: nothing more is pulled or written.
+    pieces = [BINARY[i : i + 65536] for i in range(0, len(BINARY), 65536)]
+    stop = threading.Event()
+    pulled = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal pulled
+        for n, piece in enumerate(pieces):
+            pulled += 1
+            if n == 2:
+                stop.set()
+            yield piece
+
+    sim = Simulator({"http://h/bin": Response(200, {"Content-Length": str(len(BINARY))}, body())})
+    with pytest.raises(
+        fetch.DownloadStopped, match=f"stopped after {2 * 65536} of {len(BINARY)} bytes"
+    ) as err:
+        download(sim, "http://h/bin", tmp_path / "staged", stop=stop)
+    assert err.value.code == "download_stopped" and pulled == 3
+    assert os.stat(tmp_path / "staged").st_size == 2 * 65536  # the third piece was never written
+
+
+def test_an_unset_stop_event_changes_nothing(
+    server: LocalServer, fetcher: HttpFetcher, tmp_path: Path
+) -> None:
+    server.serve("/bin", BINARY)
+    download(fetcher, server.url("/bin"), tmp_path / "staged", stop=threading.Event())
+    assert (tmp_path / "staged").read_bytes() == BINARY
+
+
 def test_errors_carry_codes() -> None:
     codes = {cls.code for cls in (FetchFailed, SizeExceeded, SizeMismatch, Truncated, ChecksumMismatch)}
     assert codes == {"fetch_failed", "size_exceeded", "size_mismatch", "truncated", "checksum_mismatch"}

@@ -182,6 +182,19 @@ def test_smoke_test_fails_a_binary_that_cannot_start_or_is_another_version(tmp_p
     assert time.monotonic() - started < 9
 
 
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling-fallback"])
+def test_wait_exit_returns_the_status_or_times_out(monkeypatch, pidfd):
+    if not pidfd:  # an older kernel or Python: Popen's own polling wait
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    with subprocess.Popen(["sh", "-c", "exit 7"]) as done:
+        assert install.wait_exit(done, 10) == 7
+    with subprocess.Popen(["sleep", "30"]) as sleeping:
+        with pytest.raises(subprocess.TimeoutExpired):
+            install.wait_exit(sleeping, 0.2)
+        assert sleeping.poll() is None  # still running: the caller decides (the smoke test kills it)
+        sleeping.kill()
+
+
 def test_smoke_test_fails_a_file_that_is_not_executable(tmp_path):
     path = tmp_path / "data"
     path.write_bytes(b"\x7fELF garbage")

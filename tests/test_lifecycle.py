@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ from hypothesis import strategies as st
 from agent import events, install, lifecycle
 from agent.config import AgentConfig
 from agent.events import RecordingSink
-from agent.fetch import ChecksumMismatch, SizeExceeded
+from agent.fetch import ChecksumMismatch, DownloadStopped, SizeExceeded
 from agent.lifecycle import Event, Pending, Start, State, Verdict
 from agent.manifest import Binary, Manifest, format_time
 from agent.state import AgentState, load_state, save_state
@@ -607,7 +608,7 @@ class FakeFetcher:
     def __init__(self, data: bytes, error: Exception | None = None) -> None:
         self.data, self.error, self.urls = data, error, []
 
-    def download(self, url: str, fd: int, size: int, digest: str) -> None:
+    def download(self, url: str, fd: int, size: int, digest: str, *, stop: object = None) -> None:
         self.urls.append(url)
         os.write(fd, self.data)
         if self.error is not None:
@@ -673,6 +674,17 @@ def no_space(target: Path, size: int) -> Path:
     raise install.InsufficientSpace("full")
 
 
+def owned(target: Path, real: Path) -> install.OwnerQuery:
+    return install.OwnerQuery(target, real, owner_of=lambda path: f"dpkg: nginx-agent: {path}")
+
+
+def query_breaks(target: Path, real: Path) -> install.OwnerQuery:
+    def broken(path: Path) -> str | None:
+        raise install.InstallError(f"cannot ask who owns {path}")
+
+    return install.OwnerQuery(target, real, owner_of=broken)
+
+
 def smoke_fails(staged: Path, version: str) -> None:
     raise install.SmokeTestFailed("printed 1.0.9")
 
@@ -683,6 +695,8 @@ def swap_fails(staged: Path, target: Path, backup: Path) -> None:
 
 FAILURES = [
     ("preflight", dict(preflight=no_space), None, "downloading", "insufficient_space"),
+    ("package", dict(ask_owner=owned), None, "downloading", "owned_by_package_manager"),
+    ("package-query", dict(ask_owner=query_breaks), None, "downloading", "install_failed"),
     ("download", {}, SizeExceeded("too big"), "downloading", "size_exceeded"),
     ("checksum", {}, ChecksumMismatch("bad digest"), "verifying", "checksum_mismatch"),
     ("smoke-test", dict(smoke_test=smoke_fails), None, "verifying", "smoke_test_failed"),
@@ -707,6 +721,25 @@ def test_a_failed_step_leaves_the_target_untouched_and_backs_off(tmp_path, steps
     state = load_state(config.state_dir)
     assert state.last_error == {"code": code, "message": caught.value.message, "state": failed_state}
     assert lifecycle.next_attempt(state.attempts, "1.1.0", sha256(NEW)) == NOW + timedelta(seconds=120)
+
+
+def test_the_package_query_runs_beside_the_download_and_stops_it(tmp_path):
+    class Waiting(FakeFetcher):
+        """A download still running when the package manager answers: it waits for the stop."""
+
+        def download(self, url: str, fd: int, size: int, digest: str, *, stop: object = None) -> None:
+            assert isinstance(stop, threading.Event) and stop.wait(10), "the query never stopped the download"
+            os.write(fd, self.data[:3])
+            raise DownloadStopped("stopped after 3 bytes")
+
+    config = fresh_host(tmp_path)
+    sink = RecordingSink()
+    with pytest.raises(lifecycle.UpdateFailed) as caught:
+        apply(config, Waiting(NEW), sink, ask_owner=owned)
+    assert (caught.value.code, caught.value.state) == ("owned_by_package_manager", "downloading")
+    assert "belongs to a package (dpkg: nginx-agent:" in caught.value.message
+    assert sorted(p.name for p in config.target.parent.iterdir()) == ["avika-agent"]  # staged file removed
+    assert config.target.read_bytes() == OLD
 
 
 def test_no_second_update_starts_while_a_record_is_pending(tmp_path):
