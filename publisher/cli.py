@@ -12,13 +12,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
-from agent.config import parse_duration
 from agent.manifest import Manifest, ManifestError, Signer, format_time, parse_time
 from infra.reports.auth import ConfigError, make_token, parse_secrets
 from infra.reports.validation import MODES, STATES, valid_agent_id
@@ -33,6 +32,7 @@ from publisher.archive import read_store
 from publisher.errors import PublishError
 from publisher.options import (
     binary_option,
+    duration,
     endpoint_option,
     expires_option,
     json_option,
@@ -650,16 +650,6 @@ def enroll(agent_id: str, as_json: bool) -> None:
         click.echo(token)
 
 
-def _stale_after(value: str) -> timedelta:
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    if seconds < 1:
-        raise click.BadParameter("must be at least 1s")
-    return timedelta(seconds=seconds)
-
-
 @main.command()
 @click.argument("agent_id", required=False)
 @reports_option
@@ -667,7 +657,7 @@ def _stale_after(value: str) -> timedelta:
     "--stale-after",
     default="3h",
     show_default=True,
-    callback=lambda ctx, param, value: _stale_after(value),
+    callback=duration,
     metavar="DURATION",
     help="An agent with no report (heartbeats included) for this long is silent (stale).",
 )

@@ -29,7 +29,8 @@ def _apply(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return wrap
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+def duration(ctx: click.Context | None, param: click.Parameter | None, value: str) -> timedelta:
+    """A click callback: a DURATION of at least 1s (``30s``, ``12h``, ``1d12h``)."""
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
@@ -80,7 +81,7 @@ expires_option = click.option(
     "--expires-in",
     default="30d",
     show_default=True,
-    callback=_duration,
+    callback=duration,
     metavar="DURATION",
     help="How long the signed manifest stays valid (30s, 12h, 30d, 1d12h).",
 )

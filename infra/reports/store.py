@@ -341,19 +341,7 @@ CREATE TABLE IF NOT EXISTS audit (
 # and summarises in SQL without decoding JSON (and version_outcomes.state for the canary's counts);
 # databases made before them get them on open (`_migrate`).
 # `last_change` is the winning event's receive time; `last_result` is sticky (STICKY_FIELDS).
-_STATE_COLUMNS = (
-    "mode",
-    "platform",
-    "version",
-    "state",
-    "target_version",
-    "failed_state",
-    "error",
-    "image",
-    "in_wave",
-    "last_result",
-    "last_change",
-)
+_STATE_COLUMNS = tuple(f for f in STATE_ROW_FIELDS if f not in ("agent_id", "last_seen"))
 _SCAN_COLUMNS = ("agent_id", *_STATE_COLUMNS, "last_seen")
 _UPSERT_STATE = (
     "INSERT INTO agent_state (agent_id, stream, stream_key, seq, last_seen, data, "
