@@ -54,9 +54,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.state import fsync_dir, set_aside, write_bytes_atomic, write_json_atomic
-from infra.reports.core import MAX_BODY_BYTES
 from infra.reports.validation import HEARTBEAT as HEARTBEAT_STATE
-from infra.reports.validation import MAX_EVENTS, MAX_INT, STREAM_RE
+from infra.reports.validation import MAX_BODY_BYTES, MAX_EVENTS, MAX_INT, STREAM_RE
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,8 @@ from typing import Any, NamedTuple
 
 from .auth import bearer_token, token_matches
 from .store import ReportStore, StoreError, StoreThrottled
-from .validation import ValidationError, parse_batch, validate_events
+from .validation import MAX_BODY_BYTES, ValidationError, parse_batch, validate_events
 
-MAX_BODY_BYTES = 256 * 1024
 # Every status `respond` can return (the hypothesis test holds it to this list).
 STATUSES = frozenset({202, 400, 401, 405, 413, 429, 500, 503})
 

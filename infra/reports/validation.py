@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+MAX_BODY_BYTES = 256 * 1024  # one POST /v1/reports body (agents split larger batches)
 MAX_EVENTS = 100
 MAX_INT = 2**63 - 1  # SQLite INTEGER and a Go int64 both stop here
 
