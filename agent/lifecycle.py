@@ -804,11 +804,11 @@ def resume(config: AgentConfig, sink: EventSink, *, now: datetime) -> ResumeResu
         return ResumeResult(Resumed.ROLLED_BACK if done else Resumed.DROPPED, pending=plan.pending)
     if plan.action is Start.NOT_SWAPPED:
         message = f"killed before the swap to {pending.to_version}; the target is unchanged"
-        clear_pending(config.state_dir)
         _fail_attempt(
             config, pending.to_version, pending.to_sha256, INTERRUPTED_BEFORE_SWAP, message, "staged", now
         )
         _tracker(sink, pending, State.STAGED).post(Event.FAIL, code=INTERRUPTED_BEFORE_SWAP, message=message)
+        clear_pending(config.state_dir)  # the record goes after the report, as everywhere
         return ResumeResult(Resumed.DROPPED, pending=pending)
     if plan.action is Start.FINISH_ROLLBACK:
         # The rollback remembered the bad version before it restored; if not, it died first.
@@ -817,25 +817,25 @@ def resume(config: AgentConfig, sink: EventSink, *, now: datetime) -> ResumeResu
             if reason is None:
                 reason = DIED_BEFORE_COMMIT
                 _note_bad(config, saved, pending, reason, now, State.RESTARTING)
-        clear_pending(config.state_dir)
         _tracker(sink, pending, State.RESTARTING).post(
             Event.ROLLBACK, code=reason, message="rollback finished"
         )
+        clear_pending(config.state_dir)
         return ResumeResult(Resumed.DROPPED, pending=pending)
     # TARGET_REPLACED: neither binary; put the old one back if the backup still is it.
     message = f"{target} is neither {pending.from_version} nor {pending.to_version}"
     try:
         install.restore(target, Path(pending.backup), expect_sha256=pending.from_sha256)
     except install.RestoreFailed as exc:
-        clear_pending(config.state_dir)
         _fail_attempt(
             config, pending.to_version, pending.to_sha256, TARGET_REPLACED, message, "restarting", now
         )
         _tracker(sink, pending, State.RESTARTING).post(Event.FAIL, code=TARGET_REPLACED, message=exc.message)
+        clear_pending(config.state_dir)
         return ResumeResult(Resumed.DROPPED, pending=pending)
-    clear_pending(config.state_dir)
     _fail_attempt(config, pending.to_version, pending.to_sha256, TARGET_REPLACED, message, "restarting", now)
     _tracker(sink, pending, State.RESTARTING).post(Event.ROLLBACK, code=TARGET_REPLACED, message=message)
+    clear_pending(config.state_dir)
     return ResumeResult(Resumed.ROLLED_BACK, pending=pending)
 
 
@@ -877,7 +877,7 @@ def rollback(
     now: datetime,
     from_state: State,
 ) -> bool:
-    """Remember the bad version, restore ``.backup``, drop the record, report. False if no restore."""
+    """Remember the bad version, restore ``.backup``, report, drop the record. False if no restore."""
     log.warning("rolling back %s -> %s: %s", pending.to_version, pending.from_version, reason)
     _remember(config, pending, reason, now, from_state)
     tracker = _tracker(sink, pending, from_state)
@@ -886,26 +886,29 @@ def rollback(
     except install.RestoreFailed as exc:
         # Keeping the record would retry a restore that cannot work at every start.
         log.critical("cannot roll back: %s; keeping %s", exc.message, pending.to_version)
-        clear_pending(config.state_dir)
         tracker.post(Event.FAIL, code=exc.code, message=exc.message)
+        clear_pending(config.state_dir)  # after the report, as in commit: a kill loses nothing
         return False
-    clear_pending(config.state_dir)
     tracker.post(Event.ROLLBACK, code=reason, message=f"restored {pending.from_version}")
+    clear_pending(config.state_dir)
     cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
     return True
 
 
 def commit(config: AgentConfig, sink: EventSink, watch: Watch) -> None:
-    """The new version is healthy: drop the record (the commit point), then tidy the state."""
+    """The new version is healthy: tidy the state, queue the report, drop the record (the commit
+    point), in that order. The record goes last so that a kill -9 at any moment loses nothing:
+    before it, the next start resumes the watch and commits again (the report may then be sent
+    twice, never zero times: once the record is gone nothing would ever send it)."""
     pending = watch.pending
-    clear_pending(config.state_dir)
     with state_transaction(config.state_dir) as saved:
         saved.attempts = forget_attempts(saved.attempts, pending.to_version, pending.to_sha256)
         saved.bad_versions = forget_bad(saved.bad_versions, pending.to_version, pending.to_sha256)
         saved.last_result = State.COMMITTED.value
         saved.last_error = None
+    _tracker(sink, pending, State.WATCHING).post(Event.COMMIT)  # durable: fsync'd in the queue
+    clear_pending(config.state_dir)
     log.info("committed %s (after %d boot(s))", pending.to_version, pending.boots)
-    _tracker(sink, pending, State.WATCHING).post(Event.COMMIT)
     cache.prune_builds(pending.target, pending.backup)  # only the current and backup builds' code stays
 
 
