@@ -158,8 +158,8 @@ def run(demo: Demo, number: int = 4) -> int:
         if not canaries:
             raise demo_error(f"no VM agent is in {bad}'s {first} % wave: pick other agent ids")
         say(
-            f"{number + 1}. Publish the broken {bad} with the same plan: canaries "
-            f"{', '.join(a.agent_id for a in canaries)} roll it back, and progress halts it at {first} %"
+            f"{number + 1}. Publish the broken {bad} with the same plan: the canaries in its {first} % wave "
+            f"({', '.join(a.agent_id for a in canaries)}) roll it back, and progress halts it at {first} %"
         )
         out = demo.release(bad, *options, "--changelog", "Broken on purpose: exits 1 on start")
         note(f"$ avika-publish release {bad} ... --plan {plan} --soak {soak}   (serial {out['serial']})")
@@ -179,18 +179,43 @@ def run(demo: Demo, number: int = 4) -> int:
         if any(r["version"] == bad and r["rollout"] not in (first, 0) for r in rows):
             raise demo_error(f"{bad} went past its first step")
         note(f"{bad}: {_timeline(demo, bad)}; no canary or halt typed by anyone")
-        demo.show_chain(canaries[0], bad)
-        note(f"{canaries[0].agent_id}'s log ({canaries[0].log.relative_to(demo.workdir)}), from the swap on:")
-        print(indent(demo.log_excerpt(canaries[0], f"-> {bad}")), flush=True)
         demo.wait_for(
             f"every VM agent to see the halted manifest (serial {demo.halt_serial})", _settled(demo)
         )
+        demo.wait_for(f"every canary's {bad} attempt to end", _attempts_ended(demo, canaries, bad))
+        tried = [a for a in canaries if _tried(demo, a, bad)]
+        demo.show_chain(tried[0], bad)
+        note(f"{tried[0].agent_id}'s log ({tried[0].log.relative_to(demo.workdir)}), from the swap on:")
+        print(indent(demo.log_excerpt(tried[0], f"-> {bad}")), flush=True)
+        for agent in canaries:
+            if agent not in tried:  # one failure is enough to halt a wave this small (min 1 attempt)
+                halted = f"{bad} was halted before its next check: never tried"
+                note(f"{agent.agent_id}: in the wave, but {halted}")
         others = [a.agent_id for a in demo.vms if not a.in_wave(bad)]
         note(f"{', '.join(others)}: not in the {first} % wave, never tried {bad}, still {new}")
         demo.show_fleet()
     finally:
         loop.close()
     return number + 2
+
+
+def _tried(demo: Demo, agent: Agent, version: str) -> bool:
+    return any(e.get("target_version") == version for e in demo.agent_events(agent))
+
+
+def _attempts_ended(demo: Demo, canaries: list[Agent], version: str) -> Any:
+    """Canaries that started ``version`` and have not reported its rollback yet (a halt does not
+    stop an attempt under way); one that never tried it (halted first) is not waited for."""
+
+    def late() -> list[Agent]:
+        out = []
+        for agent in canaries:
+            states = [e["state"] for e in demo.agent_events(agent) if e.get("target_version") == version]
+            if states and "rolled_back" not in states:
+                out.append(agent)
+        return out
+
+    return late
 
 
 def _settled(demo: Demo) -> Any:

@@ -603,6 +603,8 @@ class Demo:
                 outcome.append(f"{target} failed: {event.get('error')}")
         if not agent.in_wave(BAD):
             outcome.append(f"not a {BAD} canary: stayed")
+        elif not any(e.get("target_version") == BAD for e in events):
+            outcome.append(f"{BAD} canary: halted before its next check, never tried it")
         return " → ".join(steps), "; ".join(outcome)
 
     def summary(self) -> dict[str, Any]:

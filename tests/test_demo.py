@@ -172,12 +172,15 @@ def test_quick_demo_tells_the_whole_story(tmp_path: Path) -> None:
         committed = [e["target_version"] for e in stored if e["state"] == "committed"]
         assert committed == [NEW], (agent_id, stored)
         tried_bad = [e for e in stored if e.get("target_version") == BAD]
-        if agent_id in canaries:
+        if agent_id in canaries and tried_bad:
             rolled = [e for e in tried_bad if e["state"] == "rolled_back"]
             assert len(rolled) == 1, (agent_id, tried_bad)
             assert rolled[0]["version"] == NEW
             assert rolled[0]["error"].split(":")[0] in ("too_many_boots", "died_before_commit")
             assert agents[agent_id]["history"] == f"{OLD} → {NEW} → {BAD} ✗ → {NEW}"
+        elif agent_id in canaries:  # the first failure halted the wave before this one's next check
+            assert f"{agent_id}: in the wave, but {BAD} was halted before its next check: never tried" in out
+            assert agents[agent_id]["history"] == f"{OLD} → {NEW}"
         else:
             assert tried_bad == [], f"{agent_id} is outside {BAD}'s wave but tried it: {tried_bad}"
             assert agents[agent_id]["history"] == f"{OLD} → {NEW}"
