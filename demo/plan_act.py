@@ -158,8 +158,9 @@ def run(demo: Demo, number: int = 4) -> int:
         if not canaries:
             raise demo_error(f"no VM agent is in {bad}'s {first} % wave: pick other agent ids")
         say(
-            f"{number + 1}. Publish the broken {bad} with the same plan: the canaries in its {first} % wave "
-            f"({', '.join(a.agent_id for a in canaries)}) roll it back, and progress halts it at {first} %"
+            f"{number + 1}. Publish the broken {bad} with the same plan: each canary of its {first} % wave "
+            f"({', '.join(a.agent_id for a in canaries)}) that tries it rolls it back, and progress halts it "
+            f"at {first} %"
         )
         out = demo.release(bad, *options, "--changelog", "Broken on purpose: exits 1 on start")
         note(f"$ avika-publish release {bad} ... --plan {plan} --soak {soak}   (serial {out['serial']})")
