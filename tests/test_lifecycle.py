@@ -584,38 +584,38 @@ def test_a_rollback_without_a_usable_backup_keeps_the_new_binary_and_drops_the_r
     assert sink.events[-1]["state"] == "failed" and sink.events[-1]["error"].startswith("restore_failed")
 
 
+def watch_the_record_go(
+    monkeypatch: pytest.MonkeyPatch, sink: RecordingSink
+) -> list[tuple[list[str], str | None]]:
+    """What was reported, and the state's last result, at each moment the record was dropped."""
+    seen: list[tuple[list[str], str | None]] = []
+    clear = lifecycle.clear_pending
+
+    def clear_and_look(state_dir: Path) -> None:
+        seen.append((list(sink.states), load_state(state_dir).last_result))
+        clear(state_dir)
+
+    monkeypatch.setattr(lifecycle, "clear_pending", clear_and_look)
+    return seen
+
+
 def test_the_commit_report_is_queued_before_the_record_goes(tmp_path, monkeypatch):
     # A kill -9 between dropping the record and queueing "committed" lost the report for good:
     # the next start saw no record and nothing ever sent it (bench: kill_9 seed 22, in watching).
     config, record = swapped_host(tmp_path, boots=1)
     sink = RecordingSink()
-    seen_at_clear: list[list[str]] = []
-    clear = lifecycle.clear_pending
-
-    def clear_and_look(state_dir: Path) -> None:
-        seen_at_clear.append(list(sink.states))
-        assert load_state(state_dir).last_result == "committed"  # the state is tidied first too
-        clear(state_dir)
-
-    monkeypatch.setattr(lifecycle, "clear_pending", clear_and_look)
+    seen = watch_the_record_go(monkeypatch, sink)
     lifecycle.commit(config, sink, lifecycle.Watch(record))
-    assert seen_at_clear == [["committed"]]
+    assert seen == [(["committed"], "committed")]  # the report queued and the state tidied first
     assert lifecycle.read_pending(config.state_dir) is None
 
 
 def test_the_rollback_report_is_queued_before_the_record_goes(tmp_path, monkeypatch):
     config, record = swapped_host(tmp_path, boots=4)
     sink = RecordingSink()
-    seen_at_clear: list[list[str]] = []
-    clear = lifecycle.clear_pending
-
-    def clear_and_look(state_dir: Path) -> None:
-        seen_at_clear.append(list(sink.states))
-        clear(state_dir)
-
-    monkeypatch.setattr(lifecycle, "clear_pending", clear_and_look)
+    seen = watch_the_record_go(monkeypatch, sink)
     assert lifecycle.rollback(config, sink, record, "too_many_boots", now=NOW, from_state=State.RESTARTING)
-    assert seen_at_clear == [["rolled_back"]]
+    assert seen == [(["rolled_back"], "rolled_back")]
     assert config.target.read_bytes() == OLD
 
 
