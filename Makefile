@@ -11,7 +11,7 @@ COMPAT_TESTS := tests/test_agent_cache.py tests/test_config.py tests/test_decide
 	tests/test_state.py tests/test_manifest_rules.py tests/test_manifest_vectors.py \
 	tests/test_manifest_properties.py tests/test_install.py tests/test_fetch.py tests/test_transport.py \
 	tests/test_download_writeback.py tests/test_agent_reports.py tests/test_reports_validation.py \
-	tests/test_lifecycle.py tests/test_agent_check_cli.py
+	tests/test_lifecycle.py tests/test_agent_check_cli.py tests/test_quick_exit.py
 
 .PHONY: venv test lint format demo demo-quick agent-binary agent-binary-args lambda-zip bench clean
 

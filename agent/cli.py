@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from agent import buildinfo, check, commands, config, environment, fetch, manifest
 from agent.logs import log_to_stderr
 from agent.options import config_option, fail, load_config, print_json
+from agent.quick_exit import finish
 
 log = logging.getLogger("agent")
 
@@ -103,5 +105,14 @@ main.add_command(commands.rollback_command)
 main.add_command(commands.status_command)
 
 
+def entry(args: list[str] | None = None) -> NoReturn:
+    """The process's way in (agent file, console script): the CLI, then :func:`quick_exit.finish`."""
+    try:
+        main(args=args)
+    except SystemExit as exc:
+        finish(exc.code)
+    finish(0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from packaging.version import InvalidVersion
 
@@ -295,6 +296,29 @@ class OwnerQuery:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+class Beside:
+    """``work(*args)`` on a thread, beside what the caller does next; :meth:`result` waits for it
+    and returns what it returned or raises what it raised (the update's own thread decides)."""
+
+    def __init__(self, work: Callable[..., Any], *args: Any, name: str = "beside") -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work, args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = work(*args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ---------------------------------------------------------------- stage

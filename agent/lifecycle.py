@@ -690,12 +690,13 @@ def apply_update(
             raise
         owner.check()
         tracker.post(Event.DONE)
+        current = install.Beside(steps.hash_file, target, name="hash-target")  # read while the test runs
         steps.smoke_test(staged, manifest.version)
         tracker.post(Event.DONE)
         pending = new_pending(
             from_version=from_version,
             to_version=manifest.version,
-            from_sha256=steps.hash_file(target),
+            from_sha256=current.result(),
             to_sha256=binary.sha256,
             target=target,
             serial=manifest.serial,

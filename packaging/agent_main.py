@@ -54,9 +54,9 @@ def main():
     except _avika_cache.CacheError as exc:
         sys.stderr.write("avika-agent: " + str(exc) + "\n")
         sys.exit(1)
-    from agent.cli import main as agent_main
+    from agent.cli import entry
 
-    agent_main()
+    entry()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ agent.buildinfo.VERSION = {version!r}
 agent.buildinfo.PUBLIC_KEYS = {keys!r}
 from agent import cli
 {late}
-sys.exit(cli.main())
+cli.entry()
 """
 _MISBEHAVE = {
     "crash": "sys.exit(1)",

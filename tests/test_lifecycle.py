@@ -777,6 +777,35 @@ def test_the_package_query_runs_beside_the_download_and_stops_it(tmp_path):
     assert config.target.read_bytes() == OLD
 
 
+def test_the_target_is_hashed_while_the_smoke_test_runs(tmp_path):
+    """The backup's digest is read beside the staged file's test, not after it (the update's time)."""
+    config = fresh_host(tmp_path)
+    hashing = threading.Event()
+
+    def hash_file(path: Path) -> str:
+        hashing.set()
+        return install.sha256_file(path)
+
+    def smoke_test(staged: Path, version: str) -> None:
+        assert hashing.wait(10), "the target was not hashed while the smoke test ran"
+
+    record = apply(config, FakeFetcher(NEW), RecordingSink(), hash_file=hash_file, smoke_test=smoke_test)
+    assert record.from_sha256 == sha256(OLD)
+
+
+def test_a_target_that_cannot_be_read_fails_the_update_before_the_swap(tmp_path):
+    config = fresh_host(tmp_path)
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(lifecycle.UpdateFailed) as caught:
+        apply(config, FakeFetcher(NEW), RecordingSink(), hash_file=unreadable)
+    assert (caught.value.code, caught.value.state) == ("io_error", "staged")
+    assert config.target.read_bytes() == OLD and lifecycle.read_pending(config.state_dir) is None
+    assert sorted(p.name for p in config.target.parent.iterdir()) == ["avika-agent"]
+
+
 def test_no_second_update_starts_while_a_record_is_pending(tmp_path):
     config = fresh_host(tmp_path)
     lifecycle.write_pending(config.state_dir, pending())
