@@ -138,7 +138,7 @@ def _copy_member(archive: zipfile.ZipFile, member: str, dest: Path, mode: int, d
         return out.tell()
 
 
-def _write_build_info(archive: zipfile.ZipFile, build_dir: Path) -> None:
+def _write_build_info(archive: zipfile.ZipFile, build_dir: Path, durable: bool = True) -> None:
     """A copy of the metadata beside the unpacked code: what an operator (or a prune) looks at."""
     final = build_dir / BUILD_INFO
     if final.exists():
@@ -146,7 +146,7 @@ def _write_build_info(archive: zipfile.ZipFile, build_dir: Path) -> None:
     tmp = build_dir / f"{TMP_PREFIX}{os.getpid()}-{BUILD_INFO}"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    _copy_member(archive, BUILD_INFO, tmp, 0o644)
+    _copy_member(archive, BUILD_INFO, tmp, 0o644, durable)
     os.replace(tmp, final)
 
 
@@ -198,7 +198,7 @@ def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path
         try:
             donors = _donors(root)
             with zipfile.ZipFile(archive) as zf:
-                _write_build_info(zf, build_dir)
+                _write_build_info(zf, build_dir, durable)
                 _copy_member(zf, f"{tag}/{SITE}", tmp / SITE, 0o644, durable)
                 for relative, member in sorted(part["natives"].items()):
                     blob = member.rsplit("/", 1)[-1]

@@ -211,6 +211,24 @@ def test_a_build_with_the_same_native_libraries_links_them(tmp_path: Path) -> No
     assert fresh.stat().st_ino != a.stat().st_ino and fresh.read_bytes() == extension().read_bytes()
 
 
+def test_a_private_root_is_unpacked_without_fsync_a_real_one_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A smoke test's unpacking is thrown away or made durable by adopt(): fsyncs there are waste
+    # on the update's critical path. A real root's build must survive a power cut.
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    archive = tmp_path / "a.zip"
+    build = make_archive(archive)
+    private = tmp_path / "root" / f"{cache.PRIVATE_PREFIX}1-x"
+    private.mkdir(parents=True)
+    cache.unpack(str(archive), build, TAG, private)
+    assert (private / BUILD_ID / cache.BUILD_INFO).is_file() and synced == []
+    cache.unpack(str(archive), build, TAG, tmp_path / "root")
+    assert len(synced) >= 4  # build info, site.zip, the native library, the directories
+
+
 def test_an_unwritable_cache_is_one_error_naming_it(tmp_path: Path) -> None:
     archive = tmp_path / "agent.zip"
     build = make_archive(archive)
