@@ -34,6 +34,8 @@ class Host:
 
 @dataclass(frozen=True)
 class Decision:
+    """What this host does about a verified manifest, and the reason it reports."""
+
     action: str  # none | update | report
     reason: str
     bucket: int | None = None

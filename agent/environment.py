@@ -34,6 +34,8 @@ class UnsupportedPlatform(Exception):
 
 @dataclass(frozen=True)
 class Detection:
+    """What the host looks like to the agent: ``vm`` or ``container``, and why."""
+
     mode: str
     signals: list[str] = field(default_factory=list)
     override: str | None = None

@@ -206,6 +206,8 @@ def _status_error(url: str, status: int) -> FetchFailed:
 
 @dataclass(frozen=True)
 class DownloadResult:
+    """A download that arrived whole and hashed to the manifest's digest."""
+
     size: int
     sha256: str
     attempts: int  # requests made, resumes included

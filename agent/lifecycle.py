@@ -430,6 +430,8 @@ class Start(StrEnum):
 
 @dataclass(frozen=True)
 class StartPlan:
+    """What a starting agent does about the record in flight (:func:`plan_start`)."""
+
     action: Start
     pending: Pending  # with the boot counted, for WATCH and ROLLBACK
     reason: str | None = None
@@ -758,6 +760,8 @@ class Resumed(StrEnum):
 
 @dataclass(frozen=True)
 class ResumeResult:
+    """How :func:`resume` left the update in flight, and the watch that follows it."""
+
     outcome: Resumed
     watch: Watch | None = None
     pending: Pending | None = None

@@ -428,6 +428,8 @@ def format_time(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class Binary:
+    """One platform's file: where it is, what it hashes to, how big it must be."""
+
     url: str
     sha256: str
     size: int
@@ -435,6 +437,8 @@ class Binary:
 
 @dataclass(frozen=True)
 class Rollout:
+    """Who acts on the release now: the wave's percent and the salt that buckets hosts."""
+
     percent: int = 100
     salt: str = ""
 

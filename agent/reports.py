@@ -267,6 +267,8 @@ def _log_failure(failure: Answer, url: str) -> None:
 
 @dataclass
 class _UrlCache:
+    """``reports_url`` of the cached, verified envelope: read again only when that file changes."""
+
     ident: tuple[int, int, int] | None = None
     url: str | None = None
     warned: set[str] = field(default_factory=set)

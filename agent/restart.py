@@ -374,6 +374,8 @@ def restart_running_agent(config: AgentConfig, pending: lifecycle.Pending | None
 
 @dataclass(frozen=True)
 class WatchdogSpec:
+    """Everything the watchdog process needs to guard one restart."""
+
     config: AgentConfig
     origin: Origin
     agent_pid: int
