@@ -5,9 +5,12 @@ Python. Its ``__main__`` imports this module from the archive (as ``_avika_cache
 package is not on the path yet) and calls :func:`boot`, which makes the running interpreter's
 part of the build importable:
 
-- ``<root>/<build id>/<tag>/`` holds ``site.zip`` (the pure-Python code, bytecode compiled at build
-  time, imported straight from that zip) and ``native/`` (the extension modules, which cannot be
-  imported from a zip); a build is unpacked once, at its first start, and reused after that;
+- ``<root>/<build id>/<tag>/`` holds ``site.zip`` (the agent's code, bytecode compiled at build
+  time, imported straight from that zip), ``deps.zip`` (the dependencies' pure-Python code, the
+  same way) and ``native/`` (the extension modules, which cannot be imported from a zip); a build
+  is unpacked once, at its first start, and reused after that. ``deps.zip`` and the native
+  libraries are named by content in the file; one another build in the root already unpacked is
+  hard-linked, not inflated (``blobs.json`` in each tag dir says which file is which blob);
 - the root is ``$AVIKA_AGENT_CACHE``, else ``/var/cache/avika-agent``, else
   ``$XDG_CACHE_HOME/avika-agent`` (``~/.cache/avika-agent``) when the first is not writable; a root
   must be a directory this user owns that nobody else can write to (it holds code this user runs);
@@ -52,8 +55,10 @@ BUILD_INFO = "avika-build.json"
 # The name this module has when the agent file's __main__ imports it from the archive.
 BOOT_MODULE = "_avika_cache"
 SITE = "site.zip"
+DEPS = "deps.zip"
+DEPS_BLOBS = "deps"  # in the agent file: deps/<sha256>, one dependencies' zip per Python
 NATIVE = "native"
-NATIVES_INDEX = "natives.json"  # in an unpacked tag dir: {relative path: blob}, for sharing by link
+BLOBS_INDEX = "blobs.json"  # in an unpacked tag dir: {path in the tag dir: blob}, for sharing by link
 TMP_PREFIX = ".tmp-"  # an unpacking in progress: .tmp-<pid>-<random>
 PRIVATE_PREFIX = ".private-"  # a throwaway root for a smoke test: .private-<pid>-<random>
 # A temporary directory of a live process is kept unless it is older than this (pid reuse).
@@ -151,24 +156,26 @@ def _write_build_info(archive: zipfile.ZipFile, build_dir: Path, durable: bool =
 
 
 def _donors(root: Path) -> dict[str, Path]:
-    """Blob -> an unpacked native library with that content, in ``root`` or, for a private root,
-    in the root it sits in: a build whose dependencies did not change links them, not inflates."""
+    """Blob -> an unpacked file with that content, in ``root`` or, for a private root, in the root
+    it sits in: a build whose dependencies did not change links them, not inflates."""
     roots = [root, root.parent] if root.name.startswith(PRIVATE_PREFIX) else [root]
     found: dict[str, Path] = {}
     for top in roots:
-        for index in top.glob(f"*/cp*/{NATIVES_INDEX}"):
+        for index in top.glob(f"*/cp*/{BLOBS_INDEX}"):
             try:
                 entries = json.loads(index.read_text())
             except (OSError, ValueError):
                 continue
             if isinstance(entries, dict):
                 for relative, blob in entries.items():
-                    found.setdefault(str(blob), index.parent / NATIVE / str(relative))
+                    path = Path(os.path.normpath(index.parent / str(relative)))
+                    if index.parent in path.parents:  # an index names files of its own dir only
+                        found.setdefault(str(blob), path)
     return found
 
 
-def _place_native(
-    archive: zipfile.ZipFile, member: str, dest: Path, donor: Path | None, durable: bool
+def _place(
+    archive: zipfile.ZipFile, member: str, dest: Path, donor: Path | None, mode: int, durable: bool
 ) -> None:
     """Link ``donor`` (same blob: same bytes) at ``dest`` if it is intact, else inflate ``member``."""
     if donor is not None:
@@ -179,14 +186,15 @@ def _place_native(
                 return
         except OSError:
             pass
-    _copy_member(archive, member, dest, 0o755, durable)
+    _copy_member(archive, member, dest, mode, durable)
 
 
 def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path:
     """Unpack ``tag``'s part of the build under ``root`` (once: a concurrent start may win).
 
-    Native libraries another build in the root already unpacked (same blob) are hard-linked, not
-    inflated. In a :func:`private_root` (a smoke test's) nothing is fsynced.
+    The dependencies' zip and native libraries another build in the root already unpacked (same
+    blob) are hard-linked, not inflated. In a :func:`private_root` (a smoke test's) nothing is
+    fsynced.
     """
     build_dir = root / build["build_id"]
     home = build_dir / tag
@@ -197,14 +205,17 @@ def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=root))
         try:
             donors = _donors(root)
+            blobs = {f"{NATIVE}/{rel}": (member, 0o755) for rel, member in part["natives"].items()}
+            if part.get("deps"):
+                blobs[DEPS] = (part["deps"], 0o644)
             with zipfile.ZipFile(archive) as zf:
                 _write_build_info(zf, build_dir, durable)
                 _copy_member(zf, f"{tag}/{SITE}", tmp / SITE, 0o644, durable)
-                for relative, member in sorted(part["natives"].items()):
-                    blob = member.rsplit("/", 1)[-1]
-                    _place_native(zf, member, tmp / NATIVE / relative, donors.get(blob), durable)
-            index = {rel: member.rsplit("/", 1)[-1] for rel, member in part["natives"].items()}
-            (tmp / NATIVES_INDEX).write_text(json.dumps(index, sort_keys=True))
+                for relative, (member, mode) in sorted(blobs.items()):
+                    donor = donors.get(member.rsplit("/", 1)[-1])
+                    _place(zf, member, tmp / relative, donor, mode, durable)
+            index = {rel: member.rsplit("/", 1)[-1] for rel, (member, _) in blobs.items()}
+            (tmp / BLOBS_INDEX).write_text(json.dumps(index, sort_keys=True))
             for directory in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
                 if durable:
                     _fsync(directory)
@@ -254,7 +265,8 @@ def boot(archive: str, build: Mapping[str, Any], environ: Mapping[str, str] | No
         except (OSError, zipfile.BadZipFile, KeyError) as exc:
             raise CacheError(f"cannot unpack {archive} into {root}: {exc}") from exc
     real = os.path.realpath(archive)
-    sys.path[:] = [str(home / SITE)] + [
+    ours = [str(home / SITE)] + ([str(home / DEPS)] if part.get("deps") else [])
+    sys.path[:] = ours + [
         p for p in sys.path if os.path.realpath(p) != real and not p.startswith(archive + os.sep)
     ]
     natives = {name: str(home / NATIVE / relative) for name, relative in part["modules"].items()}

@@ -8,6 +8,7 @@ Every value is checked here, once, so the rest of the agent only sees valid sett
 
 from __future__ import annotations
 
+import difflib
 import grp
 import logging
 import os
@@ -396,8 +397,6 @@ def unknown_key_warnings(keys: Iterable[str], where: str) -> list[str]:
         if not key.upper().startswith(_PREFIX) or key in KEYS:
             continue
         suffix = key.upper()[len(_PREFIX) :]
-        import difflib  # only for a key it does not know: not on every start (the standard library's)
-
         near = difflib.get_close_matches(suffix, _KNOWN_SUFFIXES, n=1, cutoff=0.6)
         hint = f"; did you mean {_PREFIX}{near[0]}?" if near else ""
         warnings.append(f"unknown key {key} in {where} is ignored{hint}")

@@ -668,6 +668,11 @@ def report(out: Report, files: dict[str, Any], tools: list[str], results: dict[A
     out("- the served files sit in the page cache (warmed once); every tool writes to the same disk.")
 
 
+def paired_ratio(runs: list[dict[str, Any]], plain: list[dict[str, Any]]) -> float:
+    """The median over rounds of one tool's wall over curl + openssl's in the same round."""
+    return statistics.median(r["wall"] / p["wall"] for r, p in zip(runs, plain, strict=True))
+
+
 def whole_process(out: Report, files: dict[str, Any], results: dict[Any, Any], runs: int) -> None:
     """The agent files' `update --force` beside curl + openssl (issue 11's targets)."""
     rows, ratios = [], []
@@ -692,23 +697,31 @@ def whole_process(out: Report, files: dict[str, Any], results: dict[Any, Any], r
         plain = medians["plain"][0]
         for tool in ("file", "shiv"):
             wall, rss = medians[tool]
-            ok = "yes" if wall <= 0.9 * plain else f"NO ({wall / plain:.2f} > 0.9)"
+            paired = paired_ratio(results[(tool, name)], results[("plain", name)])
+            worst = max(wall / plain, paired)
+            ok = "yes" if worst <= 0.9 else f"NO ({worst:.2f} > 0.9)"
             rss_ok = "yes" if rss / 1024 < 40 else f"NO ({rss / 1024:.1f} MiB)"
-            ratios.append([name, LABELS[tool], f"{wall / plain:.2f}", ok, rss_ok])
+            ratios.append([name, LABELS[tool], f"{wall / plain:.2f}", f"{paired:.2f}", ok, rss_ok])
     out(f"Whole process: `update --force` of a release of that size, median of {runs}:")
     out()
     header = ["release", "tool", "wall", "CPU", "peak RSS", "left in the code cache"]
     out.table(header, rows)
     out()
-    out.table(["release", "tool", "/ plain", "<= 0.9", "RSS < 40 MiB"], ratios)
+    out.table(["release", "tool", "/ plain", "paired", "<= 0.9 (both)", "RSS < 40 MiB"], ratios)
     out()
     out("- wall: the whole process (GNU time), from exec to exit; CPU: user + system of its tree.")
+    out(
+        "- / plain: the median wall over the median of curl + openssl; paired: the median of each "
+        "round's own ratio (the two ran in the same round, seconds apart, so a burst of load on "
+        "this shared machine weighs on both); the target is met when both are."
+    )
     out(f"- {interpreter_note()}.")
     out("- peak RSS: GNU time %M, the largest process of the tree (the agent, or its smoke test child).")
     out(
         "- left in the code cache: bytes an update added to the cache beside the old build's code "
         "(hard links to it not counted): this build keeps the new build's code its smoke test unpacked, "
-        "for its first start after the swap (its native libraries are links to the old build's); "
+        "for its first start after the swap (its dependencies' bytecode and native libraries are "
+        "links to the old build's); "
         "the old shiv build leaves the smoke test's extraction, which nothing uses or removes."
     )
 

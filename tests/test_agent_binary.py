@@ -10,6 +10,7 @@ file relies on, that agent code imports nothing lazily (the file is replaced whi
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import json
 import os
@@ -17,11 +18,13 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,15 +93,26 @@ def server() -> Iterator[LocalServer]:
 
 
 def members(path: Path) -> dict[str, bytes]:
-    """Every file in an agent file, the ones inside each ``cpXY/site.zip`` as ``cpXY/site.zip/NAME``."""
+    """Every file in an agent file, the ones inside each ``cpXY/site.zip`` as ``cpXY/site.zip/NAME``
+    and inside each dependencies' zip as ``deps/<blob>/NAME``."""
     out = {}
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             out[name] = archive.read(name)
-            if name.endswith("/" + cache.SITE):
+            if name.endswith("/" + cache.SITE) or name.startswith(cache.DEPS_BLOBS + "/"):
                 with zipfile.ZipFile(io.BytesIO(out[name])) as inner:
                     out.update((f"{name}/{n}", inner.read(n)) for n in inner.namelist())
     return out
+
+
+def boot_build(path: Path) -> dict[str, Any]:
+    """The ``BUILD`` dict written into the file's ``__main__.py`` (what its boot reads)."""
+    with zipfile.ZipFile(path) as archive:
+        main = archive.read("__main__.py").decode()
+    for node in ast.parse(main).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "BUILD":
+            return ast.literal_eval(node.value)
+    raise AssertionError("no BUILD in __main__.py")
 
 
 # ---------------------------------------------------------------- runs on every supported Python
@@ -212,9 +226,19 @@ def test_the_file_holds_bytecode_for_every_python_and_no_boto3(built: Built) -> 
     files = members(built.path)
     assert not [n for n in files if any(bad in n.lower() for bad in FORBIDDEN)]
     assert not [n for n in files if "__pycache__" in n]
+    parts = boot_build(built.path)["tags"]
     for python in PYTHONS:
-        site = f"cp{python.replace('.', '')}/{cache.SITE}"
+        tag = f"cp{python.replace('.', '')}"
+        site = f"{tag}/{cache.SITE}"
         names = {n[len(site) + 1 :] for n in files if n.startswith(site + "/")}
+        deps = parts[tag]["deps"]
+        dep_names = {n[len(deps) + 1 :] for n in files if n.startswith(deps + "/")}
+        assert not names & dep_names and not [n for n in dep_names if n.split("/")[0] in ("agent", "infra")]
+        magic = (
+            importlib.util.MAGIC_NUMBER if python == f"{sys.version_info[0]}.{sys.version_info[1]}" else None
+        )
+        assert magic is None or files[f"{deps}/click/core.pyc"][:4] == magic  # this Python's bytecode
+        names |= dep_names
         assert f"cp{python.replace('.', '')}/{cache.BOOT_MODULE}.pyc" in files
         # The agent's own code with its sources (tracebacks), every module compiled.
         for module in ("agent/cli", "agent/cache", "agent/manifest", "infra/reports/validation"):

@@ -9,6 +9,7 @@ smoke test leaves nothing behind. Runs under every Python an agent file supports
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -39,23 +40,31 @@ def extension() -> Path:
     return Path(spec.origin)
 
 
-def make_archive(path: Path, build_id: str = BUILD_ID) -> dict[str, Any]:
-    """An archive in the agent file's layout: ``hello`` in site.zip, ``fake.xxlimited`` native."""
+def small_zip(files: dict[str, str]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as inner:
+        for name, text in files.items():
+            inner.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), text)
+    return out.getvalue()
+
+
+DEPS = "DEP = 'hello from deps.zip'\n"
+
+
+def make_archive(path: Path, build_id: str = BUILD_ID, deps: str = DEPS) -> dict[str, Any]:
+    """An archive in the agent file's layout: ``hello`` in site.zip, ``dep`` in the dependencies'
+    zip (a blob named by content, as the native library), ``fake.xxlimited`` native."""
     so = extension()
-    site = io.BytesIO()
-    with zipfile.ZipFile(site, "w") as inner:
-        inner.writestr("hello.py", "GREETING = 'hello from site.zip'\n")
-        inner.writestr("fake/__init__.py", "")
+    site = small_zip({"hello.py": "GREETING = 'hello from site.zip'\n", "fake/__init__.py": ""})
+    dep_zip = small_zip({"dep.py": deps})
+    dep_blob = f"{cache.DEPS_BLOBS}/{hashlib.sha256(dep_zip).hexdigest()[:32]}"
     relative = f"fake/{so.name}"
-    build = {
-        "build_id": build_id,
-        "tags": {
-            TAG: {"natives": {relative: "native/blob"}, "modules": {"fake.xxlimited": relative}, "bytes": 1}
-        },
-    }
+    part = {"deps": dep_blob, "natives": {relative: "native/blob"}, "modules": {"fake.xxlimited": relative}}
+    build = {"build_id": build_id, "tags": {TAG: {**part, "bytes": 1}}}
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(cache.BUILD_INFO, json.dumps({"schema": 1, "build_id": build_id}))
-        archive.writestr(f"{TAG}/{cache.SITE}", site.getvalue())
+        archive.writestr(f"{TAG}/{cache.SITE}", site)
+        archive.writestr(dep_blob, dep_zip)
         archive.writestr("native/blob", so.read_bytes())
     return build
 
@@ -66,8 +75,8 @@ BOOT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from agent import cache
     facts = cache.boot({archive!r}, json.loads({build!r}), {{"AVIKA_AGENT_CACHE": {cache_root!r}}})
-    import hello, fake.xxlimited
-    print(json.dumps([facts, hello.GREETING, fake.xxlimited.__file__, {archive!r} in sys.path]))
+    import hello, dep, fake.xxlimited
+    print(json.dumps([facts, hello.GREETING, fake.xxlimited.__file__, {archive!r} in sys.path, dep.DEP]))
     """
 )
 
@@ -142,9 +151,9 @@ def test_boot_unpacks_once_and_imports_from_the_cache_not_the_file(tmp_path: Pat
     build = make_archive(archive)
     root = tmp_path / "cache"
     out, err = boot(archive, build, root).communicate(timeout=60)
-    facts, greeting, native, archive_on_path = json.loads(out or err)
+    facts, greeting, native, archive_on_path, dep = json.loads(out or err)
     home = root / BUILD_ID / TAG
-    assert greeting == "hello from site.zip"
+    assert (greeting, dep) == ("hello from site.zip", "hello from deps.zip")
     assert native == str(home / "native" / "fake" / extension().name)
     assert not archive_on_path
     assert facts == {"root": str(root), "build_id": BUILD_ID, "tag": TAG, "archive": str(archive), "bytes": 1}
@@ -187,17 +196,22 @@ def test_a_killed_unpack_leaves_nothing_a_start_or_a_prune_trips_on(tmp_path: Pa
     assert sorted(p.name for p in root.iterdir()) == [BUILD_ID]
 
 
-def test_a_build_with_the_same_native_libraries_links_them(tmp_path: Path) -> None:
-    # The common update changes the agent, not cryptography: its 15 MB library is not inflated again.
+def test_a_build_with_the_same_dependencies_links_them(tmp_path: Path) -> None:
+    # The common update changes the agent, not cryptography: its 15 MB library and the 3 MB of
+    # dependencies' bytecode are not inflated again (the smoke test's time, the cache's size).
     root = tmp_path / "cache"
     first, second = tmp_path / "a.zip", tmp_path / "b.zip"
     build_a, build_b = make_archive(first, BUILD_ID), make_archive(second, OTHER_ID)
     for archive, build in ((first, build_a), (second, build_b)):
         out, err = boot(archive, build, root).communicate(timeout=60)
-        assert json.loads(out or err)[1] == "hello from site.zip", err
+        assert json.loads(out or err)[1::3] == ["hello from site.zip", "hello from deps.zip"], err
     relative = f"native/fake/{extension().name}"
     a, b = (root / build_id / TAG / relative for build_id in (BUILD_ID, OTHER_ID))
     assert a.stat().st_ino == b.stat().st_ino and a.read_bytes() == extension().read_bytes()
+    deps_a, deps_b = (root / build_id / TAG / cache.DEPS for build_id in (BUILD_ID, OTHER_ID))
+    assert deps_a.stat().st_ino == deps_b.stat().st_ino
+    site_a, site_b = (root / build_id / TAG / cache.SITE for build_id in (BUILD_ID, OTHER_ID))
+    assert site_a.stat().st_ino != site_b.stat().st_ino  # the agent's own code: each build's
     # A smoke test's private root links from the root it sits in; a damaged donor is not used.
     private = root / f"{cache.PRIVATE_PREFIX}1-x"
     private.mkdir()
@@ -209,6 +223,34 @@ def test_a_build_with_the_same_native_libraries_links_them(tmp_path: Path) -> No
     cache.unpack(str(third), build_c, TAG, root)
     fresh = root / "1.2.5-abababababababab" / TAG / relative
     assert fresh.stat().st_ino != a.stat().st_ino and fresh.read_bytes() == extension().read_bytes()
+
+
+def test_changed_dependencies_are_unpacked_not_linked(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
+    build_a = make_archive(first, BUILD_ID)
+    build_b = make_archive(second, OTHER_ID, deps="DEP = 'a newer dependency'\n")
+    for archive, build in ((first, build_a), (second, build_b)):
+        assert boot(archive, build, root).wait(timeout=60) == 0
+    out, err = boot(second, build_b, root).communicate(timeout=60)
+    assert json.loads(out or err)[4] == "a newer dependency", err
+    deps_a, deps_b = (root / build_id / TAG / cache.DEPS for build_id in (BUILD_ID, OTHER_ID))
+    assert deps_a.stat().st_ino != deps_b.stat().st_ino and deps_a.stat().st_nlink == 1
+
+
+def test_an_index_cannot_point_a_link_outside_its_build(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
+    build_a, build_b = make_archive(first, BUILD_ID), make_archive(second, OTHER_ID)
+    assert boot(first, build_a, root).wait(timeout=60) == 0
+    outside = tmp_path / "outside.zip"
+    outside.write_bytes((root / BUILD_ID / TAG / cache.DEPS).read_bytes())
+    index = root / BUILD_ID / TAG / cache.BLOBS_INDEX
+    entries = json.loads(index.read_text())
+    entries = {f"../../../{outside.name}" if k == cache.DEPS else k: v for k, v in entries.items()}
+    index.write_text(json.dumps(entries))
+    assert boot(second, build_b, root).wait(timeout=60) == 0
+    assert (root / OTHER_ID / TAG / cache.DEPS).stat().st_ino != outside.stat().st_ino
 
 
 def test_a_private_root_is_unpacked_without_fsync_a_real_one_with(
@@ -226,7 +268,7 @@ def test_a_private_root_is_unpacked_without_fsync_a_real_one_with(
     cache.unpack(str(archive), build, TAG, private)
     assert (private / BUILD_ID / cache.BUILD_INFO).is_file() and synced == []
     cache.unpack(str(archive), build, TAG, tmp_path / "root")
-    assert len(synced) >= 4  # build info, site.zip, the native library, the directories
+    assert len(synced) >= 5  # build info, site.zip, deps.zip, the native library, the directories
 
 
 def test_an_unwritable_cache_is_one_error_naming_it(tmp_path: Path) -> None:
