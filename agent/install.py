@@ -267,44 +267,6 @@ def preflight(
     return real
 
 
-class OwnerQuery:
-    """The package query of :func:`preflight`, asked on a thread while the binary downloads.
-
-    ``dpkg -S`` reads the whole package database (~80 ms here), time the update need not wait:
-    the download starts at once, ``claimed`` is set the moment a package claims the target (the
-    download stops at its next piece), and :meth:`check` (before the staged file is run or
-    swapped) raises :class:`OwnedByPackageManager`, or what the query itself raised.
-    """
-
-    def __init__(
-        self, target: Path, real: Path, owner_of: Callable[[Path], str | None] = package_owner
-    ) -> None:
-        self.claimed = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._ask, args=(_names(target, real), owner_of), name="package-query", daemon=True
-        )
-        self._thread.start()
-
-    def _ask(self, paths: list[Path], owner_of: Callable[[Path], str | None]) -> None:
-        try:
-            for path in paths:
-                owner = owner_of(path)
-                if owner is not None:
-                    self._error = _claimed(path, owner)
-                    break
-        except BaseException as exc:  # handed to the updating thread by check()
-            self._error = exc
-        finally:
-            if self._error is not None:
-                self.claimed.set()
-
-    def check(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 class Beside:
     """``work(*args)`` on a thread, beside what the caller does next; :meth:`result` waits for it
     and returns what it returned or raises what it raised (the update's own thread decides)."""
@@ -326,6 +288,35 @@ class Beside:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class OwnerQuery:
+    """The package query of :func:`preflight`, asked on a thread while the binary downloads.
+
+    ``dpkg -S`` reads the whole package database (~80 ms here), time the update need not wait:
+    the download starts at once, ``claimed`` is set the moment a package claims the target (the
+    download stops at its next piece), and :meth:`check` (before the staged file is run or
+    swapped) raises :class:`OwnedByPackageManager`, or what the query itself raised.
+    """
+
+    def __init__(
+        self, target: Path, real: Path, owner_of: Callable[[Path], str | None] = package_owner
+    ) -> None:
+        self.claimed = threading.Event()
+        self._query = Beside(self._ask, _names(target, real), owner_of, name="package-query")
+
+    def _ask(self, paths: list[Path], owner_of: Callable[[Path], str | None]) -> None:
+        try:
+            for path in paths:
+                owner = owner_of(path)
+                if owner is not None:
+                    raise _claimed(path, owner)
+        except BaseException:
+            self.claimed.set()
+            raise
+
+    def check(self) -> None:
+        self._query.result()
 
 
 # ---------------------------------------------------------------- stage
