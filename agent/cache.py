@@ -9,8 +9,8 @@ part of the build importable:
   time, imported straight from that zip), ``deps.zip`` (the dependencies' pure-Python code, the
   same way) and ``native/`` (the extension modules, which cannot be imported from a zip); a build
   is unpacked once, at its first start, and reused after that. ``deps.zip`` and the native
-  libraries are named by content in the file; one another build in the root already unpacked is
-  hard-linked, not inflated (``blobs.json`` in each tag dir says which file is which blob);
+  libraries are named by content in the file: a blob another build in the root already unpacked
+  is hard-linked, not inflated (``blobs.json`` in each tag dir says which file is which blob);
 - the root is ``$AVIKA_AGENT_CACHE``, else ``/var/cache/avika-agent``, else
   ``$XDG_CACHE_HOME/avika-agent`` (``~/.cache/avika-agent``) when the first is not writable; a root
   must be a directory this user owns that nobody else can write to (it holds code this user runs);
