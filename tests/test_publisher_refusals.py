@@ -85,25 +85,29 @@ def refused(result: Any, *words: str) -> None:
 # ---------------------------------------------------------------- a new store
 
 
-def test_a_store_url_that_came_out_as_none_starts_no_new_fleet(tmp_path: Path) -> None:
+def test_a_store_url_that_came_out_as_none_starts_no_new_fleet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--store "$(out StoreUrl)"`` with the output missing published to ./None with exit 0."""
     key = new_key_file(tmp_path)
     build = tmp_path / "avika-agent"
     make_binary(build, 3000, "0.1.44")
     args = ["release", "0.1.44", f"--binary=linux-amd64={build}", "--no-inspect", "--key", str(key.path)]
     runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
-        env = {name: None for name in os.environ if name.startswith("AVIKA_")}
-        result = runner.invoke(main, [*args, "--store", "None"], env=env)
-        refused(result, "holds no release yet", "--init")
-        assert not (Path(cwd) / "None").exists()
-        typo = runner.invoke(main, [*args, "--store", str(tmp_path / "updtaes")], env=env)
-        refused(typo, "--init")
-        assert not (tmp_path / "updtaes").exists()
-        # Starting a store is a deliberate act.
-        started = runner.invoke(main, [*args, "--store", str(tmp_path / "updates"), "--init"], env=env)
-        assert started.exit_code == 0, started.stderr
-        assert (tmp_path / "updates" / "manifests" / "1.json").is_file()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # a relative --store lands here
+    env = {name: None for name in os.environ if name.startswith("AVIKA_")}
+    result = runner.invoke(main, [*args, "--store", "None"], env=env)
+    refused(result, "holds no release yet", "--init")
+    assert not (cwd / "None").exists()
+    typo = runner.invoke(main, [*args, "--store", str(tmp_path / "updtaes")], env=env)
+    refused(typo, "--init")
+    assert not (tmp_path / "updtaes").exists()
+    # Starting a store is a deliberate act.
+    started = runner.invoke(main, [*args, "--store", str(tmp_path / "updates"), "--init"], env=env)
+    assert started.exit_code == 0, started.stderr
+    assert (tmp_path / "updates" / "manifests" / "1.json").is_file()
 
 
 def test_init_is_harmless_on_a_store_that_exists(seeded: dict[str, Any]) -> None:
