@@ -703,7 +703,9 @@ def test_after_a_host_crash_a_hung_version_forks_its_own_watchdog_and_is_still_r
         first = host.start()
         try:
             watchdog = wait_for(host.watchdog_pid, 30, "a watchdog forked by the new version itself")
-            assert f"watchdog pid {watchdog} watches agent pid {first.pid}" in host.log_text()
+            # The watchdog writes watchdog.pid itself; the agent logs it once the pid reaches it.
+            line = f"watchdog pid {watchdog} watches agent pid {first.pid}"
+            wait_for(lambda: line in host.log_text(), 10, f"the agent's log line {line!r}")
             wait_for(
                 lambda: host.running_version() == "1.0.0" and "rolled_back" in host.chain("1.1.0"),
                 90,
