@@ -208,13 +208,12 @@ def unpack(archive: str, build: Mapping[str, Any], tag: str, root: Path) -> Path
             blobs = {f"{NATIVE}/{rel}": (member, 0o755) for rel, member in part["natives"].items()}
             if part.get("deps"):
                 blobs[DEPS] = (part["deps"], 0o644)
+            index = {rel: member.rsplit("/", 1)[-1] for rel, (member, _) in blobs.items()}
             with zipfile.ZipFile(archive) as zf:
                 _write_build_info(zf, build_dir, durable)
                 _copy_member(zf, f"{tag}/{SITE}", tmp / SITE, 0o644, durable)
                 for relative, (member, mode) in sorted(blobs.items()):
-                    donor = donors.get(member.rsplit("/", 1)[-1])
-                    _place(zf, member, tmp / relative, donor, mode, durable)
-            index = {rel: member.rsplit("/", 1)[-1] for rel, (member, _) in blobs.items()}
+                    _place(zf, member, tmp / relative, donors.get(index[relative]), mode, durable)
             (tmp / BLOBS_INDEX).write_text(json.dumps(index, sort_keys=True))
             for directory in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
                 if durable:

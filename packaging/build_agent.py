@@ -405,6 +405,11 @@ def _zip(members: Mapping[str, bytes]) -> bytes:
     return out.getvalue()
 
 
+def _blob_name(folder: str, data: bytes) -> str:
+    """``folder/<sha256>``: a member named by content, stored once and linked between builds on a host."""
+    return f"{folder}/{hashlib.sha256(data).hexdigest()[:32]}"
+
+
 def site_zip(deps: Path, app: Path, app_pyc: Path) -> tuple[bytes, bytes, dict[str, bytes]]:
     """(``site.zip``: the agent's code, the dependencies' zip, {relative path: bytes} of the
     native files left out of both). Two zips: a release that changes only the agent changes only
@@ -494,14 +499,14 @@ def build(
             data, dep_zip, natives = site_zip(deps, work / "app", work / "pyc" / tag)
             check_natives(platform, natives)
             members[f"{tag}/{cache.SITE}"] = data
-            deps_name = f"{cache.DEPS_BLOBS}/{hashlib.sha256(dep_zip).hexdigest()[:32]}"
+            deps_name = _blob_name(cache.DEPS_BLOBS, dep_zip)
             blobs[deps_name] = dep_zip
             members[f"{tag}/{cache.BOOT_MODULE}.pyc"] = (
                 work / "boot-pyc" / tag / f"{cache.BOOT_MODULE}.pyc"
             ).read_bytes()
             placed = {}
             for rel, blob in natives.items():
-                name = f"{cache.NATIVE}/{hashlib.sha256(blob).hexdigest()[:32]}"
+                name = _blob_name(cache.NATIVE, blob)
                 blobs[name] = blob
                 placed[rel] = name
             tags[tag] = {

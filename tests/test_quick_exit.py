@@ -24,10 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 
+def script(code: str) -> list[str]:
+    """A fresh interpreter running ``code`` with this tree importable."""
+    return [sys.executable, "-c", f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + textwrap.dedent(code)]
+
+
 def run(code: str, tmp_path: Path, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-    script = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + textwrap.dedent(code)
     return subprocess.run(
-        [sys.executable, "-c", script],
+        script(code),
         cwd=tmp_path,
         stdout=stdout,
         stderr=subprocess.PIPE,
@@ -75,10 +79,8 @@ def test_output_atexit_callbacks_and_threads_are_finished_first(tmp_path):
 
 def closed_pipe_exit(code: str) -> int:
     """The status of ``code`` run with stdout on a pipe nobody reads any more (EPIPE at the flush)."""
-    script = f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\ntime.sleep(0.2)\n{code}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV
-    )
+    command = script(f"import time\ntime.sleep(0.2)\n{code}")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
     proc.stdout.close()  # type: ignore[union-attr]
     return proc.wait(timeout=60)
 
