@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -85,6 +86,12 @@ _LATE = {
         "if 'run' in sys.argv: _check.check = lambda *a, **k: threading.Event().wait()"
     ),
 }
+
+
+def _no_core_dumps() -> None:
+    """Agents (and the restarts their watchdogs fork) write no core file: the ``segfault`` variant
+    crashes on purpose, and a host whose soft limit allows cores would spend its time writing them."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def dev_binary(path: Path, version: str, keys: str = "", variant: str = "ok") -> bytes:
@@ -342,6 +349,7 @@ class Host:
                     env=self.env(**env),
                     cwd=self.dir,
                     start_new_session=True,
+                    preexec_fn=_no_core_dumps,
                 )
             )
         self.popens.append(proc)
@@ -447,7 +455,14 @@ class Host:
         return found
 
     def kill_all(self) -> None:
-        """SIGKILL every process of this host, by pid, and reap our own children."""
+        """SIGKILL every process of this host, by pid, and reap our own children.
+
+        First prints what a failure needs explained (pytest shows a test's output only if it
+        failed): the live processes, pending.json, state.json and the log's tail.
+        """
+        print(f"--- host {self.dir}: processes {self.processes()}, pending {self.pending()}")
+        print(f"--- state {self.state()}")
+        print("--- log tail:\n" + "\n".join(self.log_text().splitlines()[-60:]))
         for _ in range(3):
             pids = self.processes()
             if not pids:

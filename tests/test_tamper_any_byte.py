@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import subprocess
 import sys
 import threading
@@ -30,11 +31,24 @@ NOW = datetime.now(UTC)
 BIN = Path(sys.executable).parent
 
 
+SWAP = {ord("+"): ord("/"), ord("/"): ord("+")}
+
+
 def change(data: bytes, index: int) -> bytes:
-    """A different byte at ``index``: base64 and hex letters stay in their alphabet."""
+    """A different byte at ``index``: base64 and hex characters stay in their alphabet (``+`` and
+    ``/`` swap), so a changed signature still decodes and must fail as a signature."""
     old = data[index]
-    new = ord("B") if old == ord("A") else ord("A") if chr(old).isalnum() else old ^ 0x01
+    new = ord("B") if old == ord("A") else ord("A") if chr(old).isalnum() else SWAP.get(old, old ^ 0x01)
     return data[:index] + bytes([new]) + data[index + 1 :]
+
+
+def test_change_keeps_every_base64_character_in_the_alphabet() -> None:
+    # A random signing key makes any base64 character land at a given position; one that left
+    # the alphabet would fail as a malformed envelope, not as a bad signature.
+    alphabet = string.ascii_letters + string.digits + "+/"
+    for char in alphabet:
+        changed = change(char.encode(), 0).decode()
+        assert changed != char and changed in alphabet, char
 
 
 @pytest.fixture(scope="module")
