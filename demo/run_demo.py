@@ -683,8 +683,8 @@ class Demo:
         rolled = len([a for a in summary["agents"] if "rolled_back" in a["states"]])
         note(
             f"checked: every VM agent runs {NEW}, climbed by its plan; {rolled} canaries rolled {BAD} back "
-            f"on their own and progress halted it at 0 %; the containers only reported; the cluster's "
-            f"DaemonSet moved in waves and rolled {BAD} back by itself"
+            f"on their own and progress halted it (rollout set to 0 %); the containers only reported; "
+            f"the cluster's DaemonSet moved in waves and rolled {BAD} back by itself"
         )
         return summary
 
