@@ -24,7 +24,6 @@ import contextlib
 import errno
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -86,12 +85,6 @@ _LATE = {
         "if 'run' in sys.argv: _check.check = lambda *a, **k: threading.Event().wait()"
     ),
 }
-
-
-def _no_core_dumps() -> None:
-    """Agents (and the restarts their watchdogs fork) write no core file: the ``segfault`` variant
-    crashes on purpose, and a host whose soft limit allows cores would spend its time writing them."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def dev_binary(path: Path, version: str, keys: str = "", variant: str = "ok") -> bytes:
@@ -349,7 +342,6 @@ class Host:
                     env=self.env(**env),
                     cwd=self.dir,
                     start_new_session=True,
-                    preexec_fn=_no_core_dumps,
                 )
             )
         self.popens.append(proc)

@@ -1,11 +1,19 @@
-"""Test-wide fixtures: keep process-global state from leaking between in-process CLI runs."""
+"""Test-wide settings: no core files; process-global state kept from leaking between in-process CLI runs."""
 
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Iterator
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process a test starts inherits a soft core limit of 0: agent variants crash on purpose
+    (SIGSEGV), and a runner whose limit allows cores would write one per crash into a host's dir,
+    which shifts the timing of what the test watches."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 @pytest.fixture(autouse=True)
